@@ -1,0 +1,1 @@
+"""vhdshare: virtual hard disks (VHD) shared by several virtual machines over clusterfs."""
