@@ -1,0 +1,118 @@
+"""The common block directory: a format marker and one backing file per inode.
+
+Layout:
+
+    BLOCKDIR/clusterfs.format   JSON: format name, version, cluster id
+    BLOCKDIR/data/XX/INO        backing file of regular inode INO (hex), XX = INO mod 256
+
+Backing files are named by inode number only, so no user-chosen name ever reaches a path in
+here and nothing can escape the block directory. The fan-out directories are made when the
+directory is formatted, which keeps directory creation off the create path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT_FILE = "clusterfs.format"
+FORMAT_NAME = "clusterfs-blockdir"
+FORMAT_VERSION = 1
+FANOUT = 256
+BACKING_MODE = 0o600
+
+
+class BlockDirError(Exception):
+    """The block directory is missing, not formatted, or of another format."""
+
+
+@dataclass(frozen=True)
+class BlockDir:
+    root: Path
+    cluster_id: str
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def path(self, ino: int) -> str:
+        return f"{self.root}/data/{ino % FANOUT:02x}/{ino:x}"
+
+    def create(self, ino: int) -> int:
+        """Create (or open, after a crash) the backing file of `ino`; returns an fd."""
+        return os.open(self.path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, BACKING_MODE)
+
+    def create_empty(self, ino: int) -> None:
+        os.close(self.create(ino))
+
+    def open(self, ino: int, flags: int) -> int:
+        return os.open(self.path(ino), flags | os.O_CLOEXEC)
+
+    def stat(self, ino: int) -> os.stat_result:
+        return os.stat(self.path(ino))
+
+    def remove(self, ino: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(ino))
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.root)
+
+    def iter_backing(self) -> Iterator[tuple[int, str]]:
+        """Every (ino, path) in the data area; names that are not inode numbers are skipped."""
+        for fan in sorted(os.listdir(self.data)):
+            for name in os.listdir(self.data / fan):
+                try:
+                    ino = int(name, 16)
+                except ValueError:
+                    continue
+                yield ino, f"{self.data}/{fan}/{name}"
+
+
+def format_blockdir(root: Path) -> BlockDir:
+    """Initialise an empty (or missing) directory as a block directory."""
+    if root.exists() and not root.is_dir():
+        raise BlockDirError(f"{root}: not a directory")
+    if (root / FORMAT_FILE).exists():
+        raise BlockDirError(f"{root}: already formatted")
+    if root.exists() and any(root.iterdir()):
+        raise BlockDirError(f"{root}: directory is not empty")
+    root.mkdir(parents=True, exist_ok=True)
+    for fan in range(FANOUT):
+        (root / "data" / f"{fan:02x}").mkdir(parents=True, exist_ok=True)
+    cluster_id = str(uuid.uuid4())
+    marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "cluster_id": cluster_id}
+    tmp = root / (FORMAT_FILE + ".tmp")
+    tmp.write_text(json.dumps(marker) + "\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.rename(root / FORMAT_FILE)
+    return BlockDir(root, cluster_id)
+
+
+def open_blockdir(root: Path) -> BlockDir:
+    """Open a formatted block directory, or say in one line why it cannot be used."""
+    if not root.exists():
+        raise BlockDirError(f"{root}: block directory does not exist")
+    if not root.is_dir():
+        raise BlockDirError(f"{root}: not a directory")
+    try:
+        marker = json.loads((root / FORMAT_FILE).read_text())
+    except FileNotFoundError:
+        raise BlockDirError(
+            f"{root}: not a clusterfs block directory (run 'clusterfs format {root}')"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise BlockDirError(f"{root}: unreadable format marker: {exc}") from None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
+        raise BlockDirError(f"{root}: not a clusterfs block directory")
+    if marker.get("version") != FORMAT_VERSION:
+        raise BlockDirError(f"{root}: format version {marker.get('version')} is not supported")
+    if not (root / "data").is_dir():
+        raise BlockDirError(f"{root}: data area is missing")
+    return BlockDir(root, str(marker["cluster_id"]))

@@ -1,0 +1,246 @@
+"""The `clusterfs` command line: format, mount, fsck, demo.
+
+The CLI is the outermost error boundary: any expected failure is one line on stderr and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from clusterfs import fsck
+from clusterfs.blockdir import BlockDirError, format_blockdir, open_blockdir
+from clusterfs.node import NodeConfig, NodeError, open_replica, run
+
+log = logging.getLogger("clusterfs")
+
+LOCK_FILE = "lock"
+PID_FILE = "clusterfs.pid"
+LOG_FILE = "clusterfs.log"
+
+
+class UsageError(Exception):
+    """A mistake of the operator's, reported as one line."""
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{text}: expected HOST:PORT")
+    return host, int(port)
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold the state directory for this process (and a daemon forked from it)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = _read_pid(state_dir)
+        raise UsageError(f"{state_dir}: in use by a running node (pid {pid})") from None
+    return fd
+
+
+def _read_pid(state_dir: Path) -> str:
+    try:
+        return (state_dir / PID_FILE).read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+# -- format -------------------------------------------------------------------------------
+
+def cmd_format(args: argparse.Namespace) -> int:
+    blockdir = format_blockdir(Path(args.blockdir))
+    print(f"formatted {blockdir.root} (cluster {blockdir.cluster_id})")
+    return 0
+
+
+# -- mount --------------------------------------------------------------------------------
+
+def check_mount_args(args: argparse.Namespace) -> None:
+    open_blockdir(Path(args.blockdir))
+    mountpoint = Path(args.mountpoint)
+    if not mountpoint.exists():
+        raise UsageError(f"{mountpoint}: mount point does not exist")
+    if not mountpoint.is_dir():
+        raise UsageError(f"{mountpoint}: mount point is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint}: mount point is busy (already mounted)")
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("/dev/fuse is missing (load the fuse module: modprobe fuse)")
+    parse_address(args.listen)
+
+
+def _node_config(args: argparse.Namespace) -> NodeConfig:
+    options = [o for opt in args.o for o in opt.split(",")]
+    return NodeConfig(Path(args.blockdir).resolve(), Path(args.mountpoint).resolve(), args.node,
+                      Path(args.state).resolve(), args.listen, options)
+
+
+def _run_node(args: argparse.Namespace, ready: Callable[[], None]) -> None:
+    config = _node_config(args)
+    (config.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+    try:
+        run(config, ready)
+    finally:
+        with contextlib.suppress(OSError):
+            (config.state_dir / PID_FILE).unlink()
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    check_mount_args(args)
+    lock_state_dir(Path(args.state))
+    if args.foreground:
+        _setup_logging(args.verbose, None)
+        _run_node(args, lambda: log.info("mounted %s on %s", args.blockdir, args.mountpoint))
+        return 0
+    return _daemonize(args)
+
+
+def _daemonize(args: argparse.Namespace) -> int:
+    """Fork; the parent returns once the child's mount is live (or with its one-line error)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode(errors="replace").strip()
+        if message == "ok":
+            return 0
+        os.waitpid(pid, 0)
+        raise UsageError(message or f"mount failed (see {Path(args.state) / LOG_FILE})")
+    os.close(read_fd)
+    os._exit(_daemon_child(args, write_fd))
+
+
+def _daemon_child(args: argparse.Namespace, write_fd: int) -> int:
+    os.setsid()
+    log_path = Path(args.state).resolve() / LOG_FILE
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    _setup_logging(args.verbose, None)
+
+    def ready() -> None:
+        os.write(write_fd, b"ok\n")
+        os.close(write_fd)
+
+    try:
+        _run_node(args, ready)
+        return 0
+    except Exception as exc:
+        log.exception("node failed")
+        with contextlib.suppress(OSError):
+            os.write(write_fd, f"{exc}\n".encode())
+        return 1
+
+
+# -- fsck ---------------------------------------------------------------------------------
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    blockdir = open_blockdir(Path(args.blockdir))
+    state_dir = Path(args.state)
+    if not (state_dir / "replica").exists():
+        raise UsageError(f"{state_dir}: no replica here")
+    lock_fd = lock_state_dir(state_dir)
+    store = open_replica(state_dir, blockdir)
+    try:
+        report = fsck.check(store, blockdir)
+        for line in report.lines():
+            print(line)
+        if report.clean:
+            print("clean")
+            return 0
+        if not args.repair:
+            print("problems found; run again with --repair to fix what can be fixed")
+            return 1
+        fsck.repair(store, blockdir, report)
+        print("repaired")
+        return 0
+    finally:
+        store.close()
+        os.close(lock_fd)
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from clusterfs.demo import run_demo
+
+    return run_demo(Path(args.dir) if args.dir else None, wait=not args.no_wait)
+
+
+# -- wiring -------------------------------------------------------------------------------
+
+def _setup_logging(verbose: bool, path: Path | None) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        filename=path,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clusterfs", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("format", help="initialise the common block directory")
+    p.add_argument("blockdir")
+    p.set_defaults(func=cmd_format)
+
+    p = sub.add_parser("mount", help="start this node and mount")
+    p.add_argument("blockdir")
+    p.add_argument("mountpoint")
+    p.add_argument("--node", required=True, help="this node's name")
+    p.add_argument("--state", required=True, help="this node's state directory")
+    p.add_argument("--listen", required=True, help="HOST:PORT for the cluster protocol")
+    p.add_argument("--join", help="HOST:PORT of a member to join (cluster issue)")
+    p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-o", action="append", default=[], help="extra FUSE mount options")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("fsck", help="check (and repair) a stopped node against the block dir")
+    p.add_argument("blockdir")
+    p.add_argument("--state", required=True)
+    p.add_argument("--repair", action="store_true")
+    p.set_defaults(func=cmd_fsck)
+
+    p = sub.add_parser("demo", help="a small cluster on loopback with a short tour")
+    p.add_argument("dir", nargs="?")
+    p.add_argument("--no-wait", action="store_true", help="stop after the tour")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "join", None):
+        print("clusterfs: --join: joining a cluster is not available yet", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except (UsageError, BlockDirError, NodeError) as exc:
+        print(f"clusterfs: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"clusterfs: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Committers: how a captured namespace record becomes a durable, applied change.
+
+The file system layer only ever calls `submit` (wait for the result) or `submit_lazy` (for
+housekeeping such as purging an unlinked inode, which may ride along with the next batch). The
+local committer here commits on this node alone; the cluster's 2PC committer replaces it behind
+the same interface.
+
+Group commit: every record queued while a batch is being written joins the next batch, and a
+batch costs one synced LMDB commit however many records it holds. Each record is applied in a
+nested transaction, so a refused record (an errno) is rolled back without its neighbours.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import lmdb
+import trio
+
+from clusterfs import records
+from clusterfs.namespace import Applied, NamespaceError, apply
+from clusterfs.store import Store
+
+log = logging.getLogger(__name__)
+
+LAZY_DELAY_S = 0.2  # how long a lazy record waits for company before it commits alone
+LOG_KEEP_RECORDS = 100_000
+APPLIED_SEQ = b"applied_seq"
+
+AppliedHook = Callable[[records.Record, Applied], None]
+
+
+class Committer(Protocol):
+    async def submit(self, record: records.Record) -> Applied: ...
+
+    def submit_lazy(self, record: records.Record) -> None: ...
+
+
+@dataclass(eq=False)
+class _Pending:
+    record: records.Record
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Applied | None = None
+    error: NamespaceError | None = None
+
+
+def commit_batch(store: Store, batch: Sequence[records.Record]) -> list[Applied | NamespaceError]:
+    """Apply `batch` in order in one synced write transaction; one outcome per record."""
+    outcomes: list[Applied | NamespaceError] = []
+    with store.write() as view:
+        seq = view.get_counter(APPLIED_SEQ)
+        for record in batch:
+            try:
+                with store.savepoint(view) as child:
+                    outcome: Applied | NamespaceError = apply(child, record)
+                    seq += 1
+                    child.append_log(seq, records.encode(record), LOG_KEEP_RECORDS)
+            except NamespaceError as exc:
+                outcome = exc
+            outcomes.append(outcome)
+        view.set_counter(APPLIED_SEQ, seq)
+    return outcomes
+
+
+class LocalCommitter:
+    """Commits on this node alone, in batches, from one trio task."""
+
+    def __init__(self, store: Store, on_applied: AppliedHook) -> None:
+        self._store = store
+        self._on_applied = on_applied
+        self._queue: list[_Pending] = []
+        self._lazy: list[records.Record] = []
+        self._wakeup = trio.Event()
+
+    async def submit(self, record: records.Record) -> Applied:
+        pending = _Pending(record)
+        self._queue.append(pending)
+        self._wakeup.set()
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    def submit_lazy(self, record: records.Record) -> None:
+        self._lazy.append(record)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                timeout_s = LAZY_DELAY_S if self._lazy else math.inf
+                with trio.move_on_after(timeout_s):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                self.commit_queued()
+                await trio.lowlevel.checkpoint()
+        finally:
+            self.commit_queued()  # on shutdown: nothing queued is left unanswered
+
+    def commit_queued(self) -> None:
+        """Commit everything queued now, in one batch; wakes every waiting submitter."""
+        waiting, self._queue = self._queue, []
+        lazy, self._lazy = self._lazy, []
+        batch = [p.record for p in waiting] + lazy
+        if not batch:
+            return
+        try:
+            outcomes = commit_batch(self._store, batch)
+        except lmdb.MapFullError:
+            outcomes = [NamespaceError(errno.ENOSPC, "replica is full")] * len(batch)
+        except (lmdb.Error, OSError) as exc:
+            log.error("replica commit failed: %s", exc)
+            outcomes = [NamespaceError(errno.EIO, str(exc))] * len(batch)
+        for record, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Applied):
+                self._on_applied(record, outcome)
+        for pending, outcome in zip(waiting, outcomes, strict=False):
+            if isinstance(outcome, Applied):
+                pending.result = outcome
+            else:
+                pending.error = outcome
+            pending.done.set()

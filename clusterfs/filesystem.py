@@ -1,0 +1,405 @@
+"""The file system layer under the FUSE handlers: reads from the replica, changes as records.
+
+Reads (lookup, getattr, readdir, xattrs) come straight from the local replica. Every change
+is captured as a namespace record and handed to the committer; the call returns when the record
+is durable. File data never passes through here as records: open handles read and write the
+backing file in the common block directory directly.
+
+Node-local state lives here too: kernel lookup counts and open handles. An inode whose last
+name was removed stays (as an orphan in the replica, with its backing file) until the kernel
+has forgotten it and the last handle is closed; then a lazy `Purge` record deletes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import stat
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import trio
+
+from clusterfs import records as r
+from clusterfs.attributes import Attributes, Caller, from_inode, may_access
+from clusterfs.blockdir import BlockDir
+from clusterfs.committer import Committer
+from clusterfs.namespace import ROOT_INO, Applied, NamespaceError
+from clusterfs.store import Inode, Store
+
+log = logging.getLogger(__name__)
+
+READDIR_CHUNK = 128
+_BACKING_OPEN_FLAGS = os.O_APPEND | os.O_SYNC | os.O_DSYNC
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    name: bytes
+    attrs: Attributes
+    next_id: int
+    counts_lookup: bool  # False for "." and "..", whose lookup count the kernel does not hold
+
+
+@dataclass(frozen=True, slots=True)
+class AttrChanges:
+    """The attributes a setattr call changes; None leaves one as it is."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size_bytes: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass(slots=True)
+class OpenFile:
+    ino: int
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatFs:
+    block_size: int
+    fragment_size: int
+    blocks: int
+    blocks_free: int
+    blocks_available: int
+    files: int
+    files_free: int
+    name_max: int
+
+
+def _errno(code: int) -> NamespaceError:
+    return NamespaceError(code)
+
+
+def supplementary_groups(pid: int) -> frozenset[int]:
+    """The calling process's groups, read from /proc (empty if it has already gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except OSError:
+        pass
+    return frozenset()
+
+
+class FileSystem:
+    def __init__(self, store: Store, blockdir: BlockDir,
+                 committer: Committer | None = None) -> None:
+        self._store = store
+        self._blockdir = blockdir
+        self.committer: Committer | None = committer
+        self._lookups: Counter[int] = Counter()
+        self._open_count: Counter[int] = Counter()
+        self._handles: dict[int, OpenFile] = {}
+        self._next_fh = itertools.count(1)
+        self._fresh_fds: dict[int, int] = {}
+        self._seen_data: dict[int, tuple[int, int]] = {}  # ino -> (mtime_ns, size) at last close
+
+    # -- reads ------------------------------------------------------------------------------
+    def _inode(self, ino: int) -> Inode:
+        with self._store.read() as view:
+            inode = view.get_inode(ino)
+        if inode is None:
+            raise _errno(errno.ENOENT)
+        return inode
+
+    def _attrs(self, inode: Inode) -> Attributes:
+        if not stat.S_ISREG(inode.mode):
+            return from_inode(inode, None)
+        try:
+            return from_inode(inode, self._blockdir.stat(inode.ino))
+        except FileNotFoundError:
+            log.error("backing file of inode %d is missing (run clusterfs fsck)", inode.ino)
+            raise _errno(errno.EIO) from None
+
+    def getattr(self, ino: int) -> Attributes:
+        return self._attrs(self._inode(ino))
+
+    def lookup(self, parent: int, name: bytes) -> Attributes:
+        with self._store.read() as view:
+            if name == b".":
+                inode = view.get_inode(parent)
+            elif name == b"..":
+                dir_inode = view.get_inode(parent)
+                inode = None if dir_inode is None else view.get_inode(dir_inode.parent)
+            else:
+                entry = view.lookup(parent, name)
+                inode = None if entry is None else view.get_inode(entry.ino)
+        if inode is None:
+            raise _errno(errno.ENOENT)
+        attrs = self._attrs(inode)
+        self.remember(inode.ino)
+        return attrs
+
+    def remember(self, ino: int, count: int = 1) -> None:
+        """The kernel now holds `count` more lookup references to `ino`."""
+        self._lookups[ino] += count
+
+    def forget(self, ino: int, count: int) -> None:
+        left = self._lookups[ino] - count
+        if left > 0:
+            self._lookups[ino] = left
+            return
+        self._lookups.pop(ino, None)
+        self._maybe_purge(ino)
+
+    def readlink(self, ino: int) -> bytes:
+        with self._store.read() as view:
+            target = view.get_symlink(ino)
+        if target is None:
+            raise _errno(errno.EINVAL)  # not a symlink
+        return target
+
+    def opendir(self, ino: int) -> int:
+        if not stat.S_ISDIR(self._inode(ino).mode):
+            raise _errno(errno.ENOTDIR)
+        return ino
+
+    def readdir(self, ino: int, start_id: int) -> Iterator[DirEntry]:
+        """Entries after `start_id` (0, or a `next_id` handed out before), lazily."""
+        directory = self._inode(ino)
+        if start_id < 1:
+            yield DirEntry(b".", self._attrs(directory), 1, False)
+        if start_id < 2:
+            yield DirEntry(b"..", self.getattr(directory.parent), 2, False)
+        after = max(start_id, 2)
+        while True:
+            with self._store.read() as view:
+                chunk = view.list_dir(ino, after, READDIR_CHUNK)
+                inodes = [view.get_inode(entry.ino) for entry in chunk]
+            for entry, inode in zip(chunk, inodes, strict=True):
+                if inode is not None:
+                    yield DirEntry(entry.name, self._attrs(inode), entry.cookie, True)
+            if len(chunk) < READDIR_CHUNK:
+                return
+            after = chunk[-1].cookie
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        with self._store.read() as view:
+            if view.get_inode(ino) is None:
+                raise _errno(errno.ENOENT)
+            value = view.get_xattr(ino, name)
+        if value is None:
+            raise _errno(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        with self._store.read() as view:
+            if view.get_inode(ino) is None:
+                raise _errno(errno.ENOENT)
+            return view.list_xattrs(ino)
+
+    def access(self, ino: int, mode: int, caller: Caller) -> bool:
+        attrs = self.getattr(ino)
+        return may_access(attrs, caller, supplementary_groups(caller.pid), mode)
+
+    def statfs(self) -> StatFs:
+        st = self._blockdir.statvfs()
+        return StatFs(st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail,
+                      st.f_files, st.f_ffree, 255)
+
+    # -- namespace changes ------------------------------------------------------------------
+    async def _commit(self, record: r.Record) -> Applied:
+        assert self.committer is not None, "file system has no committer"
+        return await self.committer.submit(record)
+
+    def _new_owner(self, parent: int, mode: int, caller: Caller, is_dir: bool) -> tuple[int, int]:
+        """Mode and group of a new inode: setgid directories pass on their group (as ext4)."""
+        directory = self._inode(parent)
+        if not directory.mode & stat.S_ISGID:
+            return mode, caller.gid
+        gid = directory.gid
+        if is_dir:
+            mode |= stat.S_ISGID
+        elif mode & stat.S_ISGID and not caller.is_root and gid != caller.gid \
+                and gid not in supplementary_groups(caller.pid):
+            mode &= ~stat.S_ISGID
+        return mode, gid
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
+                    caller: Caller) -> Attributes:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        mode, gid = self._new_owner(parent, mode, caller, is_dir=False)
+        applied = await self._commit(
+            r.MakeNode(parent, name, mode, caller.uid, gid, rdev, time.time_ns()))
+        fd = self._fresh_fds.pop(applied.ino, None)
+        if fd is not None:
+            os.close(fd)
+        return self._created(applied.ino)
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int,
+                     caller: Caller) -> tuple[int, Attributes]:
+        mode, gid = self._new_owner(parent, stat.S_IFREG | stat.S_IMODE(mode), caller, False)
+        applied = await self._commit(
+            r.MakeNode(parent, name, mode, caller.uid, gid, 0, time.time_ns()))
+        fd = self._fresh_fds.pop(applied.ino, None)
+        if fd is None:
+            fd = self._blockdir.create(applied.ino)
+        self._set_backing_flags(fd, flags)
+        attrs = self._created(applied.ino)
+        return self._new_handle(applied.ino, fd), attrs
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attributes:
+        mode, gid = self._new_owner(parent, stat.S_IMODE(mode), caller, is_dir=True)
+        applied = await self._commit(
+            r.MakeDir(parent, name, mode, caller.uid, gid, time.time_ns()))
+        return self._created(applied.ino)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes,
+                      caller: Caller) -> Attributes:
+        _, gid = self._new_owner(parent, 0, caller, is_dir=False)
+        applied = await self._commit(
+            r.MakeSymlink(parent, name, target, caller.uid, gid, time.time_ns()))
+        return self._created(applied.ino)
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Attributes:
+        await self._commit(r.Link(ino, parent, name, time.time_ns()))
+        return self._created(ino)
+
+    def _created(self, ino: int) -> Attributes:
+        attrs = self.getattr(ino)
+        self.remember(ino)
+        return attrs
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self._commit(r.Unlink(parent, name, time.time_ns()))
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self._commit(r.RemoveDir(parent, name, time.time_ns()))
+
+    async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes,
+                     flags: int) -> None:
+        await self._commit(
+            r.Rename(parent_old, name_old, parent_new, name_new, flags, time.time_ns()))
+
+    async def setattr(self, ino: int, changes: AttrChanges, fh: int | None) -> Attributes:
+        inode = self._inode(ino)
+        regular = stat.S_ISREG(inode.mode)
+        if regular:
+            self._set_data_attrs(ino, changes, fh)
+        record = r.SetAttr(ino, time.time_ns(), changes.mode, changes.uid, changes.gid,
+                           None if regular else changes.size_bytes,
+                           None if regular else changes.atime_ns,
+                           None if regular else changes.mtime_ns)
+        if not regular or any(v is not None for v in (changes.mode, changes.uid, changes.gid)):
+            await self._commit(record)
+        return self.getattr(ino)
+
+    def _set_data_attrs(self, ino: int, changes: AttrChanges, fh: int | None) -> None:
+        """Size and times of a regular file live in its backing file."""
+        if changes.size_bytes is not None:
+            if fh is not None and fh in self._handles:
+                os.ftruncate(self._handles[fh].fd, changes.size_bytes)
+            else:
+                os.truncate(self._blockdir.path(ino), changes.size_bytes)
+        if changes.atime_ns is not None or changes.mtime_ns is not None:
+            current = self._blockdir.stat(ino)
+            atime = current.st_atime_ns if changes.atime_ns is None else changes.atime_ns
+            mtime = current.st_mtime_ns if changes.mtime_ns is None else changes.mtime_ns
+            os.utime(self._blockdir.path(ino), ns=(atime, mtime))
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        if name.startswith(b"system."):
+            raise _errno(errno.EOPNOTSUPP)  # no POSIX ACLs
+        await self._commit(r.SetXattr(ino, name, value, 0, time.time_ns()))
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self._commit(r.RemoveXattr(ino, name, time.time_ns()))
+
+    # -- data -------------------------------------------------------------------------------
+    def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Open `ino`'s backing file; also says whether the kernel may keep cached pages
+        (only if the data is unchanged since this node last saw it: close-to-open)."""
+        inode = self._inode(ino)
+        if not stat.S_ISREG(inode.mode):
+            raise _errno(errno.EISDIR if stat.S_ISDIR(inode.mode) else errno.ENXIO)
+        fd = self._blockdir.open(ino, os.O_RDWR | (flags & _BACKING_OPEN_FLAGS))
+        st = os.fstat(fd)
+        keep_cache = self._seen_data.get(ino) == (st.st_mtime_ns, st.st_size)
+        return self._new_handle(ino, fd), keep_cache
+
+    def _set_backing_flags(self, fd: int, flags: int) -> None:
+        if flags & os.O_APPEND:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+
+    def _new_handle(self, ino: int, fd: int) -> int:
+        fh = next(self._next_fh)
+        self._handles[fh] = OpenFile(ino, fd)
+        self._open_count[ino] += 1
+        return fh
+
+    def _handle(self, fh: int) -> OpenFile:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise _errno(errno.EBADF) from None
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        return os.pread(self._handle(fh).fd, size, offset)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        return os.pwrite(self._handle(fh).fd, data, offset)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        sync = os.fdatasync if datasync else os.fsync
+        await trio.to_thread.run_sync(sync, self._handle(fh).fd)
+
+    def flush(self, fh: int) -> None:
+        self._handle(fh)
+
+    def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        try:
+            st = os.fstat(handle.fd)
+            self._seen_data[handle.ino] = (st.st_mtime_ns, st.st_size)
+        finally:
+            os.close(handle.fd)
+        self._open_count[handle.ino] -= 1
+        if self._open_count[handle.ino] <= 0:
+            del self._open_count[handle.ino]
+            self._maybe_purge(handle.ino)
+
+    # -- housekeeping -----------------------------------------------------------------------
+    def _maybe_purge(self, ino: int) -> None:
+        """Delete an unlinked inode once the kernel and the handles have let go of it."""
+        if self._lookups.get(ino) or self._open_count.get(ino) or ino == ROOT_INO:
+            return
+        self._seen_data.pop(ino, None)
+        with self._store.read() as view:
+            inode = view.get_inode(ino)
+        if inode is not None and inode.nlink == 0 and self.committer is not None:
+            self.committer.submit_lazy(r.Purge(ino))
+
+    def on_applied(self, record: r.Record, applied: Applied) -> None:
+        """Side effects of a committed record on this node (runs right after the commit,
+        before any waiting call resumes)."""
+        try:
+            if isinstance(record, r.MakeNode) and stat.S_ISREG(record.mode):
+                self._fresh_fds[applied.ino] = self._blockdir.create(applied.ino)
+            for inode in applied.purged:
+                if stat.S_ISREG(inode.mode):
+                    self._blockdir.remove(inode.ino)
+            for ino in applied.orphaned:
+                self._maybe_purge(ino)
+        except OSError as exc:
+            log.error("block directory: %s (run clusterfs fsck)", exc)
+
+    def close_all(self) -> None:
+        for fh in list(self._handles):
+            self.release(fh)
+        for fd in self._fresh_fds.values():
+            os.close(fd)
+        self._fresh_fds.clear()

@@ -1,0 +1,252 @@
+"""The node's LMDB replica of the namespace; the only module that touches LMDB.
+
+Key layout (all integers big-endian, so LMDB's byte order is numeric order):
+
+    db        key                                 value
+    --------  ----------------------------------  ------------------------------------------
+    inodes    ino u64                             INODE record (see `INODE` below)
+    symlinks  ino u64                             symlink target bytes
+    dentries  parent u64 + name                   DENTRY record: child ino u64, cookie u64
+    cookies   parent u64 + cookie u64             name (readdir order and stable offsets)
+    xattrs    ino u64 + name                      value bytes
+    orphans   ino u64                             empty (nlink 0, waiting for the last close)
+    log       seq u64                             encoded record (bounded, for catching up)
+    meta      b"next_ino" / b"next_cookie" /      u64
+              b"applied_seq"
+              b"clean"                            b"1" while the replica is closed cleanly
+              b"cluster_id"                       the block directory's cluster id
+
+A readdir cookie is handed out once per directory entry from one cluster-wide counter, so a
+listing resumed after a cookie never repeats or skips an entry that survived in between.
+
+Every write transaction is synced when it commits: a change that returned success to an
+application survives kill -9 and power loss.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+U64 = struct.Struct(">Q")
+# mode, uid, gid, nlink, rdev, size_bytes, parent, atime_ns, mtime_ns, ctime_ns
+INODE = struct.Struct(">IIIIQQQqqq")
+assert INODE.size == 64
+DENTRY = struct.Struct(">QQ")
+assert DENTRY.size == 16
+
+MAP_SIZE_BYTES = 64 << 30  # address space only; the file grows as needed
+_DB_NAMES = ("inodes", "symlinks", "dentries", "cookies", "xattrs", "orphans", "log", "meta")
+FIRST_COOKIE = 3  # 1 and 2 are the offsets after "." and ".."
+
+
+@dataclass(slots=True)
+class Inode:
+    """One inode's replicated metadata. Regular files take size and times from their backing
+    file; `size_bytes`, `atime_ns` and `mtime_ns` here serve the other types."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    rdev: int = 0
+    size_bytes: int = 0
+    parent: int = 0  # directories only: the inode that ".." names
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+
+    def pack(self) -> bytes:
+        return INODE.pack(
+            self.mode, self.uid, self.gid, self.nlink, self.rdev, self.size_bytes,
+            self.parent, self.atime_ns, self.mtime_ns, self.ctime_ns,
+        )
+
+    @classmethod
+    def unpack(cls, ino: int, raw: bytes) -> Inode:
+        return cls(ino, *INODE.unpack(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class Dentry:
+    name: bytes
+    ino: int
+    cookie: int
+
+
+def _u64(value: int) -> bytes:
+    return U64.pack(value)
+
+
+class View:
+    """Typed access to the replica inside one LMDB transaction (read-only or write)."""
+
+    def __init__(self, txn: Any, dbs: dict[str, Any]) -> None:
+        self._txn = txn
+        self._db = dbs
+
+    # -- inodes ---------------------------------------------------------------------------
+    def get_inode(self, ino: int) -> Inode | None:
+        raw = self._txn.get(_u64(ino), db=self._db["inodes"])
+        return None if raw is None else Inode.unpack(ino, raw)
+
+    def put_inode(self, inode: Inode) -> None:
+        self._txn.put(_u64(inode.ino), inode.pack(), db=self._db["inodes"])
+
+    def delete_inode(self, ino: int) -> None:
+        key = _u64(ino)
+        self._txn.delete(key, db=self._db["inodes"])
+        self._txn.delete(key, db=self._db["symlinks"])
+        self._txn.delete(key, db=self._db["orphans"])
+        for name in self.list_xattrs(ino):
+            self._txn.delete(key + name, db=self._db["xattrs"])
+
+    def iter_inodes(self) -> Iterator[Inode]:
+        cursor = self._txn.cursor(db=self._db["inodes"])
+        for key, raw in cursor:
+            yield Inode.unpack(U64.unpack(key)[0], raw)
+
+    def get_symlink(self, ino: int) -> bytes | None:
+        raw = self._txn.get(_u64(ino), db=self._db["symlinks"])
+        return None if raw is None else bytes(raw)
+
+    def put_symlink(self, ino: int, target: bytes) -> None:
+        self._txn.put(_u64(ino), target, db=self._db["symlinks"])
+
+    # -- orphans: unlinked inodes kept for open handles -------------------------------------
+    def add_orphan(self, ino: int) -> None:
+        self._txn.put(_u64(ino), b"", db=self._db["orphans"])
+
+    def orphans(self) -> list[int]:
+        cursor = self._txn.cursor(db=self._db["orphans"])
+        return [U64.unpack(key)[0] for key in cursor.iternext(keys=True, values=False)]
+
+    # -- directory entries ----------------------------------------------------------------
+    def lookup(self, parent: int, name: bytes) -> Dentry | None:
+        raw = self._txn.get(_u64(parent) + name, db=self._db["dentries"])
+        if raw is None:
+            return None
+        ino, cookie = DENTRY.unpack(raw)
+        return Dentry(name, ino, cookie)
+
+    def put_dentry(self, parent: int, name: bytes, ino: int) -> None:
+        cookie = self.next_counter(b"next_cookie", FIRST_COOKIE)
+        self._txn.put(_u64(parent) + name, DENTRY.pack(ino, cookie), db=self._db["dentries"])
+        self._txn.put(_u64(parent) + _u64(cookie), name, db=self._db["cookies"])
+
+    def delete_dentry(self, parent: int, entry: Dentry) -> None:
+        self._txn.delete(_u64(parent) + entry.name, db=self._db["dentries"])
+        self._txn.delete(_u64(parent) + _u64(entry.cookie), db=self._db["cookies"])
+
+    def list_dir(self, parent: int, after_cookie: int, limit: int) -> list[Dentry]:
+        """Up to `limit` entries of `parent` whose cookie is greater than `after_cookie`."""
+        prefix = _u64(parent)
+        cursor = self._txn.cursor(db=self._db["cookies"])
+        entries: list[Dentry] = []
+        if not cursor.set_range(prefix + _u64(after_cookie + 1)):
+            return entries
+        for key, name in cursor:
+            if key[:8] != prefix or len(entries) >= limit:
+                break
+            dentry = self.lookup(parent, bytes(name))
+            if dentry is not None:
+                entries.append(dentry)
+        return entries
+
+    def iter_dentries(self) -> Iterator[tuple[int, Dentry]]:
+        """Every (parent, entry) in the replica, for consistency checks."""
+        cursor = self._txn.cursor(db=self._db["dentries"])
+        for key, raw in cursor:
+            ino, cookie = DENTRY.unpack(raw)
+            yield U64.unpack(key[:8])[0], Dentry(bytes(key[8:]), ino, cookie)
+
+    def dir_is_empty(self, parent: int) -> bool:
+        return not self.list_dir(parent, 0, 1)
+
+    # -- extended attributes --------------------------------------------------------------
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        raw = self._txn.get(_u64(ino) + name, db=self._db["xattrs"])
+        return None if raw is None else bytes(raw)
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._txn.put(_u64(ino) + name, value, db=self._db["xattrs"])
+
+    def delete_xattr(self, ino: int, name: bytes) -> None:
+        self._txn.delete(_u64(ino) + name, db=self._db["xattrs"])
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        prefix = _u64(ino)
+        cursor = self._txn.cursor(db=self._db["xattrs"])
+        names: list[bytes] = []
+        if not cursor.set_range(prefix):
+            return names
+        for key in cursor.iternext(keys=True, values=False):
+            if key[:8] != prefix:
+                break
+            names.append(bytes(key[8:]))
+        return names
+
+    # -- counters, sequence, log ----------------------------------------------------------
+    def get_counter(self, key: bytes, default: int = 0) -> int:
+        raw = self._txn.get(key, db=self._db["meta"])
+        return default if raw is None else U64.unpack(raw)[0]
+
+    def set_counter(self, key: bytes, value: int) -> None:
+        self._txn.put(key, _u64(value), db=self._db["meta"])
+
+    def next_counter(self, key: bytes, first: int) -> int:
+        value = self.get_counter(key, first)
+        self.set_counter(key, value + 1)
+        return value
+
+    def get_meta(self, key: bytes) -> bytes | None:
+        raw = self._txn.get(key, db=self._db["meta"])
+        return None if raw is None else bytes(raw)
+
+    def put_meta(self, key: bytes, value: bytes) -> None:
+        self._txn.put(key, value, db=self._db["meta"])
+
+    def append_log(self, seq: int, encoded: bytes, keep: int) -> None:
+        self._txn.put(_u64(seq), encoded, db=self._db["log"])
+        if seq > keep:
+            self._txn.delete(_u64(seq - keep), db=self._db["log"])
+
+
+class Store:
+    """The LMDB environment of one node's replica."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(
+            str(path), map_size=MAP_SIZE_BYTES, max_dbs=len(_DB_NAMES), sync=True,
+            metasync=True, max_readers=1024,
+        )
+        with self._env.begin(write=True) as txn:
+            self._dbs = {name: self._env.open_db(name.encode(), txn=txn) for name in _DB_NAMES}
+
+    @contextmanager
+    def read(self) -> Iterator[View]:
+        with self._env.begin(buffers=False) as txn:
+            yield View(txn, self._dbs)
+
+    @contextmanager
+    def write(self) -> Iterator[View]:
+        """A synced write transaction; commits when the block ends without an exception."""
+        with self._env.begin(write=True) as txn:
+            yield View(txn, self._dbs)
+
+    @contextmanager
+    def savepoint(self, view: View) -> Iterator[View]:
+        """A nested write transaction inside `view`'s: aborted alone if the block raises."""
+        with self._env.begin(write=True, parent=view._txn) as child:
+            yield View(child, self._dbs)
+
+    def close(self) -> None:
+        self._env.close()
