@@ -76,6 +76,7 @@ class LocalCommitter:
         self._queue: list[_Pending] = []
         self._lazy: list[records.Record] = []
         self._wakeup = trio.Event()
+        self._waiting = trio.CancelScope()
 
     async def submit(self, record: records.Record) -> Applied:
         pending = _Pending(record)
@@ -89,13 +90,15 @@ class LocalCommitter:
 
     def submit_lazy(self, record: records.Record) -> None:
         self._lazy.append(record)
+        if self._waiting.deadline == math.inf:
+            self._waiting.deadline = trio.current_time() + LAZY_DELAY_S
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
             while True:
                 timeout_s = LAZY_DELAY_S if self._lazy else math.inf
-                with trio.move_on_after(timeout_s):
+                with trio.move_on_after(timeout_s) as self._waiting:
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 self.commit_queued()

@@ -1,0 +1,161 @@
+"""The file system layer called directly, against a temporary replica and block directory,
+with the real local committer running in a trio nursery."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from clusterfs import fsck
+from clusterfs import records as r
+from clusterfs.attributes import Caller
+from clusterfs.blockdir import BlockDir, format_blockdir
+from clusterfs.committer import LocalCommitter, commit_batch
+from clusterfs.filesystem import AttrChanges, FileSystem
+from clusterfs.namespace import ROOT_INO, NamespaceError
+from clusterfs.node import open_replica, recover
+from clusterfs.store import Store
+
+ROOT = Caller(0, 0, os.getpid())
+USER = Caller(1000, 1000, os.getpid())
+
+
+class Rig:
+    def __init__(self, fs: FileSystem, store: Store, blockdir: BlockDir) -> None:
+        self.fs, self.store, self.blockdir = fs, store, blockdir
+
+    def backing_files(self) -> set[int]:
+        return {ino for ino, _ in self.blockdir.iter_backing()}
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    blockdir = format_blockdir(tmp_path / "blocks")
+    store = open_replica(tmp_path / "state", blockdir)
+    fs = FileSystem(store, blockdir)
+    committer = LocalCommitter(store, fs.on_applied)
+    fs.committer = committer
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.run)
+        yield Rig(fs, store, blockdir)
+        fs.close_all()
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
+async def test_create_write_read_through_backing_file(rig: Rig) -> None:
+    fh, attrs = await rig.fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, ROOT)
+    assert stat.S_ISREG(attrs.mode) and attrs.size_bytes == 0
+    assert rig.fs.write(fh, 0, b"hello") == 5
+    assert rig.fs.read(fh, 0, 100) == b"hello"
+    assert rig.fs.getattr(attrs.ino).size_bytes == 5
+    with open(rig.blockdir.path(attrs.ino), "rb") as backing:
+        assert backing.read() == b"hello"
+    rig.fs.release(fh)
+
+
+async def test_unlinked_open_file_lives_until_forget_and_release(rig: Rig) -> None:
+    fh, attrs = await rig.fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, ROOT)
+    rig.fs.write(fh, 0, b"data")
+    await rig.fs.unlink(ROOT_INO, b"f")
+    assert rig.fs.read(fh, 0, 4) == b"data"
+    rig.fs.forget(attrs.ino, 1)
+    rig.fs.committer.commit_queued()  # type: ignore[union-attr]
+    assert attrs.ino in rig.backing_files(), "purged while still open"
+    rig.fs.release(fh)
+    rig.fs.committer.commit_queued()  # type: ignore[union-attr]
+    assert attrs.ino not in rig.backing_files()
+    with pytest.raises(NamespaceError):
+        rig.fs.getattr(attrs.ino)
+
+
+async def test_lazy_purge_commits_on_its_own(rig: Rig) -> None:
+    attrs = await rig.fs.mknod(ROOT_INO, b"f", stat.S_IFREG | 0o644, 0, ROOT)
+    await rig.fs.unlink(ROOT_INO, b"f")
+    rig.fs.forget(attrs.ino, 1)
+    with trio.fail_after(5):
+        while attrs.ino in rig.backing_files():
+            await trio.sleep(0.05)
+
+
+async def test_errors_are_namespace_errors(rig: Rig) -> None:
+    await rig.fs.mkdir(ROOT_INO, b"d", 0o755, ROOT)
+    with pytest.raises(NamespaceError) as info:
+        await rig.fs.mkdir(ROOT_INO, b"d", 0o755, ROOT)
+    assert info.value.errno == errno.EEXIST
+    with pytest.raises(NamespaceError) as info:
+        rig.fs.lookup(ROOT_INO, b"missing")
+    assert info.value.errno == errno.ENOENT
+
+
+async def test_setgid_directory_passes_on_its_group(rig: Rig) -> None:
+    d = await rig.fs.mkdir(ROOT_INO, b"shared", 0o2775, ROOT)
+    await rig.fs.setattr(d.ino, AttrChanges(gid=4242), None)
+    sub = await rig.fs.mkdir(d.ino, b"sub", 0o755, USER)
+    assert sub.gid == 4242 and sub.mode & stat.S_ISGID
+    _, f = await rig.fs.create(d.ino, b"f", 0o2755, os.O_RDWR, USER)
+    assert f.gid == 4242 and not f.mode & stat.S_ISGID  # USER is not in group 4242
+
+
+async def test_truncate_and_times_go_to_the_backing_file(rig: Rig) -> None:
+    fh, attrs = await rig.fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, ROOT)
+    rig.fs.write(fh, 0, b"x" * 100)
+    changed = await rig.fs.setattr(attrs.ino, AttrChanges(size_bytes=10, mtime_ns=5 * 10**9),
+                                   fh)
+    assert changed.size_bytes == 10 and changed.mtime_ns == 5 * 10**9
+    assert os.stat(rig.blockdir.path(attrs.ino)).st_size == 10
+    rig.fs.release(fh)
+
+
+async def test_readdir_lists_everything_with_dot_entries(rig: Rig) -> None:
+    for i in range(300):
+        await rig.fs.mknod(ROOT_INO, f"n{i}".encode(), stat.S_IFIFO | 0o644, 0, ROOT)
+    entries = list(rig.fs.readdir(ROOT_INO, 0))
+    names = [e.name for e in entries]
+    assert names[:2] == [b".", b".."] and len(names) == 302
+    resumed = list(rig.fs.readdir(ROOT_INO, entries[150].next_id))
+    assert [e.name for e in resumed] == names[151:]
+
+
+async def test_open_keeps_cache_only_for_unchanged_data(rig: Rig) -> None:
+    fh, attrs = await rig.fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, ROOT)
+    rig.fs.write(fh, 0, b"one")
+    rig.fs.release(fh)
+    fh, keep = rig.fs.open(attrs.ino, os.O_RDONLY)
+    assert keep
+    rig.fs.release(fh)
+    with open(rig.blockdir.path(attrs.ino), "ab") as other_node:
+        other_node.write(b"more")
+    fh, keep = rig.fs.open(attrs.ino, os.O_RDONLY)
+    assert not keep
+    rig.fs.release(fh)
+
+
+def test_recovery_repairs_the_block_directory(tmp_path: Path) -> None:
+    blockdir = format_blockdir(tmp_path / "blocks")
+    store = open_replica(tmp_path / "state", blockdir)
+    outcomes = commit_batch(store, [
+        r.MakeNode(ROOT_INO, b"kept", stat.S_IFREG | 0o644, 0, 0, 0, 1),
+        r.MakeNode(ROOT_INO, b"lost", stat.S_IFREG | 0o644, 0, 0, 0, 2),
+        r.Unlink(ROOT_INO, b"lost", 3),
+    ])
+    kept = outcomes[0].ino  # type: ignore[union-attr]
+    lost = outcomes[1].ino  # type: ignore[union-attr]
+    blockdir.create_empty(lost)
+    blockdir.create_empty(9999)  # a backing file whose inode was purged before a crash
+    with store.write() as view:
+        view.put_meta(b"clean", b"0")
+    report = fsck.check(store, blockdir)
+    assert report.missing_backing == [kept]
+    assert report.orphan_backing == [9999]
+    assert report.unpurged_inodes == [lost]
+    recover(store, blockdir)
+    assert fsck.check(store, blockdir).clean
+    assert {ino for ino, _ in blockdir.iter_backing()} == {kept}
+    store.close()
