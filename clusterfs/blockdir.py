@@ -64,14 +64,29 @@ class BlockDir:
         return os.statvfs(self.root)
 
     def iter_backing(self) -> Iterator[tuple[int, str]]:
-        """Every (ino, path) in the data area; names that are not inode numbers are skipped."""
+        """Every (ino, path) of a backing file in the data area."""
+        for ino, path in self.iter_data():
+            if ino is not None:
+                yield ino, path
+
+    def iter_data(self) -> Iterator[tuple[int | None, str]]:
+        """Everything in the data area: (ino, path) for a backing file, (None, path) for
+        anything that cannot be one (a wrong name, or a name in the wrong fan-out dir)."""
         for fan in sorted(os.listdir(self.data)):
-            for name in os.listdir(self.data / fan):
-                try:
-                    ino = int(name, 16)
-                except ValueError:
-                    continue
-                yield ino, f"{self.data}/{fan}/{name}"
+            fan_path = f"{self.data}/{fan}"
+            if not os.path.isdir(fan_path):
+                yield None, fan_path
+                continue
+            for name in os.listdir(fan_path):
+                yield _backing_ino(fan, name), f"{fan_path}/{name}"
+
+
+def _backing_ino(fan: str, name: str) -> int | None:
+    try:
+        ino = int(name, 16)
+    except ValueError:
+        return None
+    return ino if name == f"{ino:x}" and fan == f"{ino % FANOUT:02x}" else None
 
 
 def format_blockdir(root: Path) -> BlockDir:

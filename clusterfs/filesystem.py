@@ -29,7 +29,7 @@ from clusterfs import records as r
 from clusterfs.attributes import Attributes, Caller, from_inode, may_access
 from clusterfs.blockdir import BlockDir
 from clusterfs.committer import Committer
-from clusterfs.namespace import ROOT_INO, Applied, NamespaceError
+from clusterfs.namespace import NAME_MAX_BYTES, ROOT_INO, Applied, NamespaceError
 from clusterfs.store import Inode, Store
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class AttrChanges:
 class OpenFile:
     ino: int
     fd: int
+    drops_setgid: bool = False  # the first write clears S_ISGID (see `_drops_setgid`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,15 @@ def _errno(code: int) -> NamespaceError:
     return NamespaceError(code)
 
 
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
+
+def check_xattr_name(name: bytes) -> None:
+    """Only the namespaces ext4 stores; system.* (POSIX ACLs) is not supported."""
+    if not name.startswith(XATTR_NAMESPACES):
+        raise _errno(errno.EOPNOTSUPP)
+
+
 def supplementary_groups(pid: int) -> frozenset[int]:
     """The calling process's groups, read from /proc (empty if it has already gone)."""
     try:
@@ -90,6 +100,17 @@ def supplementary_groups(pid: int) -> frozenset[int]:
     except OSError:
         pass
     return frozenset()
+
+
+def _drops_setgid(inode: Inode, flags: int, caller: Caller) -> bool:
+    """ext4 (Linux >= 6.2) clears S_ISGID without group execute when a process outside the
+    file's group writes; FUSE's kernel side only handles S_ISUID and S_ISGID|S_IXGRP, so the
+    file system does this case itself, for the credentials the file was opened with."""
+    if caller.is_root or not flags & os.O_ACCMODE:
+        return False
+    if inode.mode & (stat.S_ISGID | stat.S_IXGRP) != stat.S_ISGID:
+        return False
+    return inode.gid != caller.gid and inode.gid not in supplementary_groups(caller.pid)
 
 
 class FileSystem:
@@ -126,6 +147,8 @@ class FileSystem:
         return self._attrs(self._inode(ino))
 
     def lookup(self, parent: int, name: bytes) -> Attributes:
+        if len(name) > NAME_MAX_BYTES:
+            raise _errno(errno.ENAMETOOLONG)
         with self._store.read() as view:
             if name == b".":
                 inode = view.get_inode(parent)
@@ -185,6 +208,7 @@ class FileSystem:
             after = chunk[-1].cookie
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        check_xattr_name(name)
         with self._store.read() as view:
             if view.get_inode(ino) is None:
                 raise _errno(errno.ENOENT)
@@ -310,24 +334,27 @@ class FileSystem:
             os.utime(self._blockdir.path(ino), ns=(atime, mtime))
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        if name.startswith(b"system."):
-            raise _errno(errno.EOPNOTSUPP)  # no POSIX ACLs
+        check_xattr_name(name)
         await self._commit(r.SetXattr(ino, name, value, 0, time.time_ns()))
 
     async def removexattr(self, ino: int, name: bytes) -> None:
         await self._commit(r.RemoveXattr(ino, name, time.time_ns()))
 
     # -- data -------------------------------------------------------------------------------
-    def open(self, ino: int, flags: int) -> tuple[int, bool]:
+    def open(self, ino: int, flags: int, caller: Caller) -> tuple[int, bool]:
         """Open `ino`'s backing file; also says whether the kernel may keep cached pages
         (only if the data is unchanged since this node last saw it: close-to-open)."""
         inode = self._inode(ino)
         if not stat.S_ISREG(inode.mode):
             raise _errno(errno.EISDIR if stat.S_ISDIR(inode.mode) else errno.ENXIO)
         fd = self._blockdir.open(ino, os.O_RDWR | (flags & _BACKING_OPEN_FLAGS))
+        if flags & os.O_TRUNC:  # the kernel passes O_TRUNC through (atomic_o_trunc)
+            os.ftruncate(fd, 0)
         st = os.fstat(fd)
         keep_cache = self._seen_data.get(ino) == (st.st_mtime_ns, st.st_size)
-        return self._new_handle(ino, fd), keep_cache
+        fh = self._new_handle(ino, fd)
+        self._handles[fh].drops_setgid = _drops_setgid(inode, flags, caller)
+        return fh, keep_cache
 
     def _set_backing_flags(self, fd: int, flags: int) -> None:
         if flags & os.O_APPEND:
@@ -348,8 +375,17 @@ class FileSystem:
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self._handle(fh).fd, size, offset)
 
-    def write(self, fh: int, offset: int, data: bytes) -> int:
-        return os.pwrite(self._handle(fh).fd, data, offset)
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handle(fh)
+        if handle.drops_setgid:
+            handle.drops_setgid = False
+            await self._drop_setgid(handle.ino)
+        return os.pwrite(handle.fd, data, offset)
+
+    async def _drop_setgid(self, ino: int) -> None:
+        mode = self._inode(ino).mode
+        if mode & stat.S_ISGID:
+            await self._commit(r.SetAttr(ino, time.time_ns(), mode=mode & ~stat.S_ISGID))
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         sync = os.fdatasync if datasync else os.fsync

@@ -9,6 +9,8 @@ mean a bug in the apply function and are only reported.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from clusterfs.store import Store
 class Report:
     missing_backing: list[int] = field(default_factory=list)
     orphan_backing: list[int] = field(default_factory=list)
+    stray_paths: list[str] = field(default_factory=list)
     unpurged_inodes: list[int] = field(default_factory=list)
     dangling_entries: list[tuple[int, bytes, int]] = field(default_factory=list)
     bad_link_counts: list[tuple[int, int, int]] = field(default_factory=list)  # ino, has, should
@@ -34,6 +37,7 @@ class Report:
     def lines(self) -> list[str]:
         out = [f"inode {ino}: backing file missing" for ino in self.missing_backing]
         out += [f"backing file {ino:x}: no inode" for ino in self.orphan_backing]
+        out += [f"{path}: not a backing file" for path in self.stray_paths]
         out += [f"inode {ino}: unlinked, not yet purged" for ino in self.unpurged_inodes]
         out += [f"entry {name!r} in {parent}: inode {ino} missing"
                 for parent, name, ino in self.dangling_entries]
@@ -61,7 +65,12 @@ def check(store: Store, blockdir: BlockDir) -> Report:
             expected = links[ino] + 2
         if inode.nlink != expected:
             report.bad_link_counts.append((ino, inode.nlink, expected))
-    backing = dict(blockdir.iter_backing())
+    backing: dict[int, str] = {}
+    for data_ino, path in blockdir.iter_data():
+        if data_ino is None:
+            report.stray_paths.append(path)
+        else:
+            backing[data_ino] = path
     regular = {ino for ino, inode in inodes.items() if stat.S_ISREG(inode.mode)}
     report.missing_backing = sorted(regular - backing.keys())
     report.orphan_backing = sorted(backing.keys() - regular)
@@ -74,6 +83,8 @@ def repair(store: Store, blockdir: BlockDir, report: Report) -> None:
         blockdir.create_empty(ino)
     for ino in report.orphan_backing:
         blockdir.remove(ino)
+    for path in report.stray_paths:
+        _remove_stray(path)
     if report.unpurged_inodes:
         purge(store, blockdir, report.unpurged_inodes)
 
@@ -84,3 +95,9 @@ def purge(store: Store, blockdir: BlockDir, inos: list[int]) -> None:
         for inode in getattr(outcome, "purged", []):
             if stat.S_ISREG(inode.mode):
                 blockdir.remove(inode.ino)
+
+
+def _remove_stray(path: str) -> None:
+    """Remove a stray file; a stray directory is left for the operator (reported again)."""
+    with contextlib.suppress(IsADirectoryError, PermissionError, FileNotFoundError):
+        os.unlink(path)

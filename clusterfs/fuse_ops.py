@@ -150,7 +150,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        fh, keep_cache = self.fs.open(inode, flags)
+        fh, keep_cache = self.fs.open(inode, flags, caller(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @boundary
@@ -165,7 +165,7 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.fs.write(fh, off, buf)
+        return await self.fs.write(fh, off, buf)
 
     @boundary
     async def flush(self, fh: int) -> None:

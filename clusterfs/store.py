@@ -25,6 +25,7 @@ application survives kill -9 and power loss.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -219,6 +220,10 @@ class View:
             self._txn.delete(_u64(seq - keep), db=self._db["log"])
 
 
+REPLICATED_DBS = ("inodes", "symlinks", "dentries", "cookies", "xattrs", "orphans")
+REPLICATED_META = (b"next_ino", b"next_cookie", b"applied_seq")
+
+
 class Store:
     """The LMDB environment of one node's replica."""
 
@@ -247,6 +252,18 @@ class Store:
         """A nested write transaction inside `view`'s: aborted alone if the block raises."""
         with self._env.begin(write=True, parent=view._txn) as child:
             yield View(child, self._dbs)
+
+    def digest(self) -> str:
+        """A hash of the replicated state: equal on replicas that applied the same records."""
+        h = hashlib.sha256()
+        with self._env.begin(buffers=False) as txn:
+            for name in REPLICATED_DBS:
+                h.update(name.encode())
+                for key, value in txn.cursor(db=self._dbs[name]):
+                    h.update(U64.pack(len(key)) + key + U64.pack(len(value)) + value)
+            for key in REPLICATED_META:
+                h.update(key + (txn.get(key, b"", db=self._dbs["meta"])))
+        return h.hexdigest()
 
     def close(self) -> None:
         self._env.close()

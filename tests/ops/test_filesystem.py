@@ -52,7 +52,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
 async def test_create_write_read_through_backing_file(rig: Rig) -> None:
     fh, attrs = await rig.fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, ROOT)
     assert stat.S_ISREG(attrs.mode) and attrs.size_bytes == 0
-    assert rig.fs.write(fh, 0, b"hello") == 5
+    assert await rig.fs.write(fh, 0, b"hello") == 5
     assert rig.fs.read(fh, 0, 100) == b"hello"
     assert rig.fs.getattr(attrs.ino).size_bytes == 5
     with open(rig.blockdir.path(attrs.ino), "rb") as backing:
@@ -62,7 +62,7 @@ async def test_create_write_read_through_backing_file(rig: Rig) -> None:
 
 async def test_unlinked_open_file_lives_until_forget_and_release(rig: Rig) -> None:
     fh, attrs = await rig.fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, ROOT)
-    rig.fs.write(fh, 0, b"data")
+    await rig.fs.write(fh, 0, b"data")
     await rig.fs.unlink(ROOT_INO, b"f")
     assert rig.fs.read(fh, 0, 4) == b"data"
     rig.fs.forget(attrs.ino, 1)
@@ -105,7 +105,7 @@ async def test_setgid_directory_passes_on_its_group(rig: Rig) -> None:
 
 async def test_truncate_and_times_go_to_the_backing_file(rig: Rig) -> None:
     fh, attrs = await rig.fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, ROOT)
-    rig.fs.write(fh, 0, b"x" * 100)
+    await rig.fs.write(fh, 0, b"x" * 100)
     changed = await rig.fs.setattr(attrs.ino, AttrChanges(size_bytes=10, mtime_ns=5 * 10**9),
                                    fh)
     assert changed.size_bytes == 10 and changed.mtime_ns == 5 * 10**9
@@ -125,14 +125,14 @@ async def test_readdir_lists_everything_with_dot_entries(rig: Rig) -> None:
 
 async def test_open_keeps_cache_only_for_unchanged_data(rig: Rig) -> None:
     fh, attrs = await rig.fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, ROOT)
-    rig.fs.write(fh, 0, b"one")
+    await rig.fs.write(fh, 0, b"one")
     rig.fs.release(fh)
-    fh, keep = rig.fs.open(attrs.ino, os.O_RDONLY)
+    fh, keep = rig.fs.open(attrs.ino, os.O_RDONLY, ROOT)
     assert keep
     rig.fs.release(fh)
     with open(rig.blockdir.path(attrs.ino), "ab") as other_node:
         other_node.write(b"more")
-    fh, keep = rig.fs.open(attrs.ino, os.O_RDONLY)
+    fh, keep = rig.fs.open(attrs.ino, os.O_RDONLY, ROOT)
     assert not keep
     rig.fs.release(fh)
 
