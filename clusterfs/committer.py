@@ -77,6 +77,7 @@ class LocalCommitter:
         self._lazy: list[records.Record] = []
         self._wakeup = trio.Event()
         self._waiting = trio.CancelScope()
+        self._syncing = False
 
     async def submit(self, record: records.Record) -> Applied:
         pending = _Pending(record)
@@ -96,23 +97,38 @@ class LocalCommitter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
-            while True:
-                timeout_s = LAZY_DELAY_S if self._lazy else math.inf
-                with trio.move_on_after(timeout_s) as self._waiting:
-                    await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                self.commit_queued()
-                await trio.lowlevel.checkpoint()
+            async with trio.open_nursery() as nursery:
+                while True:
+                    timeout_s = LAZY_DELAY_S if self._lazy else math.inf
+                    with trio.move_on_after(timeout_s) as self._waiting:
+                        await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    if self.commit_queued() and not self._syncing:
+                        self._syncing = True
+                        nursery.start_soon(self._idle_sync)
         finally:
             self.commit_queued()  # on shutdown: nothing queued is left unanswered
+            self._store.sync()
 
-    def commit_queued(self) -> None:
-        """Commit everything queued now, in one batch; wakes every waiting submitter."""
+    async def _idle_sync(self) -> None:
+        """Flush the last meta page in a worker thread, beside the next commit, so that the
+        last batch survives power loss too (see `store`)."""
+        try:
+            await trio.lowlevel.checkpoint()  # let the answered calls reply first
+            await trio.to_thread.run_sync(self._store.sync)
+        except (lmdb.Error, OSError) as exc:
+            log.error("replica sync failed: %s", exc)
+        finally:
+            self._syncing = False
+
+    def commit_queued(self) -> bool:
+        """Commit everything queued now, in one batch; wakes every waiting submitter.
+        Returns whether there was anything to commit."""
         waiting, self._queue = self._queue, []
         lazy, self._lazy = self._lazy, []
         batch = [p.record for p in waiting] + lazy
         if not batch:
-            return
+            return False
         try:
             outcomes = commit_batch(self._store, batch)
         except lmdb.MapFullError:
@@ -129,3 +145,4 @@ class LocalCommitter:
             else:
                 pending.error = outcome
             pending.done.set()
+        return True

@@ -125,6 +125,8 @@ class FileSystem:
         self._next_fh = itertools.count(1)
         self._fresh_fds: dict[int, int] = {}
         self._seen_data: dict[int, tuple[int, int]] = {}  # ino -> (mtime_ns, size) at last close
+        self._doomed: list[int] = []  # purged inodes whose backing files are still there
+        self._doomed_added = trio.Event()
 
     # -- reads ------------------------------------------------------------------------------
     def _inode(self, ino: int) -> Inode:
@@ -425,13 +427,35 @@ class FileSystem:
         try:
             if isinstance(record, r.MakeNode) and stat.S_ISREG(record.mode):
                 self._fresh_fds[applied.ino] = self._blockdir.create(applied.ino)
-            for inode in applied.purged:
-                if stat.S_ISREG(inode.mode):
-                    self._blockdir.remove(inode.ino)
+            doomed = [inode.ino for inode in applied.purged if stat.S_ISREG(inode.mode)]
+            if doomed:
+                self._doomed.extend(doomed)
+                self._doomed_added.set()
             for ino in applied.orphaned:
                 self._maybe_purge(ino)
         except OSError as exc:
             log.error("block directory: %s (run clusterfs fsck)", exc)
+
+    async def remove_purged(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        """Remove the backing files of purged inodes, off the path of the replies."""
+        task_status.started()
+        try:
+            while True:
+                await self._doomed_added.wait()
+                self._doomed_added = trio.Event()
+                self.remove_purged_now()
+        finally:
+            self.remove_purged_now()
+
+    def remove_purged_now(self) -> None:
+        doomed, self._doomed = self._doomed, []
+        for ino in doomed:
+            try:
+                self._blockdir.remove(ino)
+            except OSError as exc:
+                log.error("cannot remove backing file of inode %d: %s (run clusterfs fsck)",
+                          ino, exc)
 
     def close_all(self) -> None:
         for fh in list(self._handles):

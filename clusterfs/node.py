@@ -112,6 +112,7 @@ async def serve(config: NodeConfig, ready: Callable[[], None]) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(committer.run)
+                await nursery.start(fs.remove_purged)
                 nursery.start_soon(_stop_on_signals)
                 ready()
                 await pyfuse3.main()
@@ -120,6 +121,7 @@ async def serve(config: NodeConfig, ready: Callable[[], None]) -> None:
             pyfuse3.close(unmount=True)
             fs.close_all()
             committer.commit_queued()
+            fs.remove_purged_now()
         fsck.purge(store, blockdir, _orphans(store))
         _set_clean(store, True)
     finally:

@@ -19,8 +19,11 @@ Key layout (all integers big-endian, so LMDB's byte order is numeric order):
 A readdir cookie is handed out once per directory entry from one cluster-wide counter, so a
 listing resumed after a cookie never repeats or skips an entry that survived in between.
 
-Every write transaction is synced when it commits: a change that returned success to an
-application survives kill -9 and power loss.
+Durability: every write transaction flushes its data pages (fdatasync) before it commits, and
+LMDB writes the new meta page after that without a second flush (`metasync=False`): one device
+flush per batch instead of two. The replica is consistent after any crash. A committed batch
+survives kill -9 at once; it survives power loss once its meta page is on disk, which the next
+commit's flush or the committer's idle `sync()` (a moment later) ensures.
 """
 
 from __future__ import annotations
@@ -231,7 +234,7 @@ class Store:
         path.mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(
             str(path), map_size=MAP_SIZE_BYTES, max_dbs=len(_DB_NAMES), sync=True,
-            metasync=True, max_readers=1024,
+            metasync=False, max_readers=1024,
         )
         with self._env.begin(write=True) as txn:
             self._dbs = {name: self._env.open_db(name.encode(), txn=txn) for name in _DB_NAMES}
@@ -252,6 +255,10 @@ class Store:
         """A nested write transaction inside `view`'s: aborted alone if the block raises."""
         with self._env.begin(write=True, parent=view._txn) as child:
             yield View(child, self._dbs)
+
+    def sync(self) -> None:
+        """Flush everything committed so far (safe to call from a worker thread)."""
+        self._env.sync(True)
 
     def digest(self) -> str:
         """A hash of the replicated state: equal on replicas that applied the same records."""

@@ -43,6 +43,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     fs.committer = committer
     async with trio.open_nursery() as nursery:
         await nursery.start(committer.run)
+        await nursery.start(fs.remove_purged)
         yield Rig(fs, store, blockdir)
         fs.close_all()
         nursery.cancel_scope.cancel()
@@ -70,6 +71,7 @@ async def test_unlinked_open_file_lives_until_forget_and_release(rig: Rig) -> No
     assert attrs.ino in rig.backing_files(), "purged while still open"
     rig.fs.release(fh)
     rig.fs.committer.commit_queued()  # type: ignore[union-attr]
+    rig.fs.remove_purged_now()
     assert attrs.ino not in rig.backing_files()
     with pytest.raises(NamespaceError):
         rig.fs.getattr(attrs.ino)
