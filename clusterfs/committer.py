@@ -29,6 +29,7 @@ from clusterfs.store import Store
 log = logging.getLogger(__name__)
 
 LAZY_DELAY_S = 0.2  # how long a lazy record waits for company before it commits alone
+IDLE_SYNC_DELAY_S = 0.02  # idle time after which the last batch's meta page is flushed
 LOG_KEEP_RECORDS = 100_000
 APPLIED_SEQ = b"applied_seq"
 
@@ -77,7 +78,7 @@ class LocalCommitter:
         self._lazy: list[records.Record] = []
         self._wakeup = trio.Event()
         self._waiting = trio.CancelScope()
-        self._syncing = False
+        self._unsynced = False
 
     async def submit(self, record: records.Record) -> Applied:
         pending = _Pending(record)
@@ -97,45 +98,67 @@ class LocalCommitter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    timeout_s = LAZY_DELAY_S if self._lazy else math.inf
-                    with trio.move_on_after(timeout_s) as self._waiting:
-                        await self._wakeup.wait()
-                    self._wakeup = trio.Event()
-                    if self.commit_queued() and not self._syncing:
-                        self._syncing = True
-                        nursery.start_soon(self._idle_sync)
+            while True:
+                with trio.move_on_after(self._idle_timeout_s()) as self._waiting:
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                if await self._commit_in_thread():
+                    self._unsynced = True
+                elif self._unsynced:
+                    self._sync()
         finally:
             self.commit_queued()  # on shutdown: nothing queued is left unanswered
-            self._store.sync()
+            self._sync()
 
-    async def _idle_sync(self) -> None:
-        """Flush the last meta page in a worker thread, beside the next commit, so that the
-        last batch survives power loss too (see `store`)."""
+    def _idle_timeout_s(self) -> float:
+        if self._lazy:
+            return LAZY_DELAY_S
+        return IDLE_SYNC_DELAY_S if self._unsynced else math.inf
+
+    def _sync(self) -> None:
+        """Flush the last batch's meta page once the committer has been idle for a moment
+        (under load, every commit's flush does it for the batch before; see `store`)."""
+        self._unsynced = False
         try:
-            await trio.lowlevel.checkpoint()  # let the answered calls reply first
-            await trio.to_thread.run_sync(self._store.sync)
+            self._store.sync()
         except (lmdb.Error, OSError) as exc:
             log.error("replica sync failed: %s", exc)
-        finally:
-            self._syncing = False
 
-    def commit_queued(self) -> bool:
-        """Commit everything queued now, in one batch; wakes every waiting submitter.
-        Returns whether there was anything to commit."""
+    def _take(self) -> tuple[list[_Pending], list[records.Record]]:
         waiting, self._queue = self._queue, []
         lazy, self._lazy = self._lazy, []
-        batch = [p.record for p in waiting] + lazy
+        return waiting, [p.record for p in waiting] + lazy
+
+    async def _commit_in_thread(self) -> bool:
+        """Group commit: the batch's write transaction and its flush run in a worker thread,
+        so the event loop goes on answering lookups and queueing the next batch."""
+        waiting, batch = self._take()
         if not batch:
             return False
+        outcomes = await trio.to_thread.run_sync(self._commit, batch)
+        self._finish(waiting, batch, outcomes)
+        return True
+
+    def commit_queued(self) -> bool:
+        """Commit everything queued now, in this thread (shutdown, tests)."""
+        waiting, batch = self._take()
+        if not batch:
+            return False
+        self._finish(waiting, batch, self._commit(batch))
+        return True
+
+    def _commit(self, batch: list[records.Record]) -> list[Applied | NamespaceError]:
         try:
-            outcomes = commit_batch(self._store, batch)
+            return commit_batch(self._store, batch)
         except lmdb.MapFullError:
-            outcomes = [NamespaceError(errno.ENOSPC, "replica is full")] * len(batch)
+            return [NamespaceError(errno.ENOSPC, "replica is full")] * len(batch)
         except (lmdb.Error, OSError) as exc:
             log.error("replica commit failed: %s", exc)
-            outcomes = [NamespaceError(errno.EIO, str(exc))] * len(batch)
+            return [NamespaceError(errno.EIO, str(exc))] * len(batch)
+
+    def _finish(self, waiting: list[_Pending], batch: list[records.Record],
+                outcomes: list[Applied | NamespaceError]) -> None:
+        """Side effects on this node, then wake every waiting submitter."""
         for record, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Applied):
                 self._on_applied(record, outcome)
@@ -145,4 +168,3 @@ class LocalCommitter:
             else:
                 pending.error = outcome
             pending.done.set()
-        return True

@@ -30,6 +30,7 @@ from clusterfs.attributes import Attributes, Caller, from_inode, may_access
 from clusterfs.blockdir import BlockDir
 from clusterfs.committer import Committer
 from clusterfs.namespace import NAME_MAX_BYTES, ROOT_INO, Applied, NamespaceError
+from clusterfs.spares import Spares
 from clusterfs.store import Inode, Store
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class FileSystem:
         self._handles: dict[int, OpenFile] = {}
         self._next_fh = itertools.count(1)
         self._fresh_fds: dict[int, int] = {}
+        self.spares = Spares(store, blockdir)
         self._seen_data: dict[int, tuple[int, int]] = {}  # ino -> (mtime_ns, size) at last close
         self._doomed: list[int] = []  # purged inodes whose backing files are still there
         self._doomed_added = trio.Event()
@@ -271,7 +273,7 @@ class FileSystem:
             r.MakeNode(parent, name, mode, caller.uid, gid, 0, time.time_ns()))
         fd = self._fresh_fds.pop(applied.ino, None)
         if fd is None:
-            fd = self._blockdir.create(applied.ino)
+            fd = self.spares.take(applied.ino, time.time_ns())
         self._set_backing_flags(fd, flags)
         attrs = self._created(applied.ino)
         return self._new_handle(applied.ino, fd), attrs
@@ -425,9 +427,12 @@ class FileSystem:
         """Side effects of a committed record on this node (runs right after the commit,
         before any waiting call resumes)."""
         try:
-            if isinstance(record, r.MakeNode) and stat.S_ISREG(record.mode):
-                self._fresh_fds[applied.ino] = self._blockdir.create(applied.ino)
             doomed = [inode.ino for inode in applied.purged if stat.S_ISREG(inode.mode)]
+            if isinstance(record, r.MakeNode) and stat.S_ISREG(record.mode):
+                self._fresh_fds[applied.ino] = self.spares.take(applied.ino, record.now_ns)
+            elif isinstance(record, r.MakeNode | r.MakeDir | r.MakeSymlink) and \
+                    self.spares.discard(applied.ino):
+                doomed.append(applied.ino)
             if doomed:
                 self._doomed.extend(doomed)
                 self._doomed_added.set()

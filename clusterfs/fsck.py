@@ -59,6 +59,7 @@ def check(store: Store, blockdir: BlockDir) -> Report:
             if stat.S_ISDIR(inodes[entry.ino].mode):
                 links[parent] += 1  # the child's ".."
         report.unpurged_inodes = sorted(view.orphans())
+        next_ino = view.get_counter(b"next_ino")
     for ino, inode in inodes.items():
         expected = links[ino] + (1 if stat.S_ISDIR(inode.mode) and inode.nlink else 0)
         if stat.S_ISDIR(inode.mode) and ino == inode.parent:  # the root names itself
@@ -73,7 +74,8 @@ def check(store: Store, blockdir: BlockDir) -> Report:
             backing[data_ino] = path
     regular = {ino for ino, inode in inodes.items() if stat.S_ISREG(inode.mode)}
     report.missing_backing = sorted(regular - backing.keys())
-    report.orphan_backing = sorted(backing.keys() - regular)
+    spares = {ino for ino, path in backing.items() if ino >= next_ino and _empty(path)}
+    report.orphan_backing = sorted(backing.keys() - regular - spares)
     return report
 
 
@@ -101,3 +103,11 @@ def _remove_stray(path: str) -> None:
     """Remove a stray file; a stray directory is left for the operator (reported again)."""
     with contextlib.suppress(IsADirectoryError, PermissionError, FileNotFoundError):
         os.unlink(path)
+
+
+def _empty(path: str) -> bool:
+    """Spare backing files (see `spares`) are empty; data beyond the counter is an orphan."""
+    try:
+        return os.stat(path).st_size == 0
+    except FileNotFoundError:
+        return False

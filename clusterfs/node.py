@@ -113,6 +113,7 @@ async def serve(config: NodeConfig, ready: Callable[[], None]) -> None:
             async with trio.open_nursery() as nursery:
                 await nursery.start(committer.run)
                 await nursery.start(fs.remove_purged)
+                await nursery.start(fs.spares.run)
                 nursery.start_soon(_stop_on_signals)
                 ready()
                 await pyfuse3.main()

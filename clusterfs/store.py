@@ -23,7 +23,7 @@ Durability: every write transaction flushes its data pages (fdatasync) before it
 LMDB writes the new meta page after that without a second flush (`metasync=False`): one device
 flush per batch instead of two. The replica is consistent after any crash. A committed batch
 survives kill -9 at once; it survives power loss once its meta page is on disk, which the next
-commit's flush or the committer's idle `sync()` (a moment later) ensures.
+commit's flush or the committer's idle `sync()` (20 ms later) ensures.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import pickle
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -298,14 +299,43 @@ class ClusterfsMount:
         return [line for line in text.splitlines() if any(m in line for m in markers)]
 
     def backing_files(self) -> list[Path]:
-        """Regular files in the block directory's data area (the whole dir if no data/)."""
+        """Regular files in the block directory's data area (the whole dir if no data/),
+        less the node's spare backing files (made ahead for inode numbers not yet handed
+        out; see clusterfs.spares)."""
         root = self.blockdir / "data"
         if not root.is_dir():
             root = self.blockdir
-        return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+        files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+        spares = self.spare_inos([p.name for p in files])
+        return [p for p in files if p.name not in spares]
+
+    def spare_inos(self, names: list[str]) -> set[str]:
+        """The names among `names` that are spares: at or above the replica's next inode
+        number, or (while a spare is being removed again) naming a non-regular inode.
+        Read while the daemon runs: LMDB allows other readers."""
+        from clusterfs.store import Store
+
+        store = Store(self.statedir / "replica")
+        try:
+            with store.read() as view:
+                next_ino = view.get_counter(b"next_ino")
+                return {name for name in names if _is_spare(view, name, next_ino)}
+        finally:
+            store.close()
 
     def fsck(self, *extra: str) -> subprocess.CompletedProcess[str]:
         return run_cli("fsck", str(self.blockdir), "--state", str(self.statedir), *extra)
+
+
+def _is_spare(view: Any, name: str, next_ino: int) -> bool:
+    try:
+        ino = int(name, 16)
+    except ValueError:
+        return False
+    if ino >= next_ino:
+        return True
+    inode = view.get_inode(ino)
+    return inode is not None and not stat.S_ISREG(inode.mode)
 
 
 def run_cli(

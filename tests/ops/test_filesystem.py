@@ -146,18 +146,23 @@ def test_recovery_repairs_the_block_directory(tmp_path: Path) -> None:
         r.MakeNode(ROOT_INO, b"kept", stat.S_IFREG | 0o644, 0, 0, 0, 1),
         r.MakeNode(ROOT_INO, b"lost", stat.S_IFREG | 0o644, 0, 0, 0, 2),
         r.Unlink(ROOT_INO, b"lost", 3),
+        r.MakeNode(ROOT_INO, b"gone", stat.S_IFREG | 0o644, 0, 0, 0, 4),
+        r.Unlink(ROOT_INO, b"gone", 5),
     ])
     kept = outcomes[0].ino  # type: ignore[union-attr]
     lost = outcomes[1].ino  # type: ignore[union-attr]
+    gone = outcomes[3].ino  # type: ignore[union-attr]
+    commit_batch(store, [r.Purge(gone)])
     blockdir.create_empty(lost)
-    blockdir.create_empty(9999)  # a backing file whose inode was purged before a crash
+    blockdir.create_empty(gone)  # a backing file whose inode was purged before a crash
+    blockdir.create_empty(gone + 1)  # a spare for the next inode: not an orphan
     with store.write() as view:
         view.put_meta(b"clean", b"0")
     report = fsck.check(store, blockdir)
     assert report.missing_backing == [kept]
-    assert report.orphan_backing == [9999]
+    assert report.orphan_backing == [gone]
     assert report.unpurged_inodes == [lost]
     recover(store, blockdir)
     assert fsck.check(store, blockdir).clean
-    assert {ino for ino, _ in blockdir.iter_backing()} == {kept}
+    assert {ino for ino, _ in blockdir.iter_backing()} == {kept, gone + 1}
     store.close()
