@@ -35,9 +35,13 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--dir", default="/var/tmp", help="where the replica lives")
     args = parser.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="bench_commit-", dir=args.dir))
+    with tempfile.TemporaryDirectory(prefix="bench_commit-", dir=args.dir) as tmp:
+        run(Path(tmp), args.count, args.dir)
+
+
+def run(base: Path, count: int, where: str) -> None:
     store = open_replica(base / "state", format_blockdir(base / "blocks"))
-    names = [f"f{i}".encode() for i in range(args.count)]
+    names = [f"f{i}".encode() for i in range(count)]
     commit_batch(store, [r.MakeNode(ROOT_INO, n, stat.S_IFIFO | 0o644, 0, 0, 0, 1)
                          for n in names])
     wall = time.perf_counter()
@@ -47,8 +51,8 @@ def main() -> None:
     wall = time.perf_counter() - wall
     user2, system2 = _cpu_s()
     store.close()
-    per = 1e6 / args.count
-    print(f"command: python tools/bench_commit.py --count {args.count} --dir {args.dir}")
+    per = 1e6 / count
+    print(f"command: python tools/bench_commit.py --count {count} --dir {where}")
     print(f"one durable commit (1 rename): wall {wall * per:.0f} us, "
           f"user CPU {(user2 - user) * per:.0f} us, system CPU {(system2 - system) * per:.0f} us")
 
