@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from clusterfs import records
 from clusterfs.blockdir import BlockDir
 from clusterfs.committer import commit_batch
-from clusterfs.store import Store
+from clusterfs.store import Inode, Store
 
 
 @dataclass
@@ -48,6 +48,13 @@ class Report:
 
 def check(store: Store, blockdir: BlockDir) -> Report:
     report = Report()
+    inodes, next_ino = check_namespace(store, report)
+    _check_backing(blockdir, inodes, next_ino, report)
+    return report
+
+
+def check_namespace(store: Store, report: Report) -> tuple[dict[int, Inode], int]:
+    """The replica on its own: dangling entries, link counts, unpurged inodes."""
     with store.read() as view:
         inodes = {inode.ino: inode for inode in view.iter_inodes()}
         links: Counter[int] = Counter()
@@ -66,6 +73,11 @@ def check(store: Store, blockdir: BlockDir) -> Report:
             expected = links[ino] + 2
         if inode.nlink != expected:
             report.bad_link_counts.append((ino, inode.nlink, expected))
+    return inodes, next_ino
+
+
+def _check_backing(blockdir: BlockDir, inodes: dict[int, Inode], next_ino: int,
+                   report: Report) -> None:
     backing: dict[int, str] = {}
     for data_ino, path in blockdir.iter_data():
         if data_ino is None:
@@ -76,7 +88,6 @@ def check(store: Store, blockdir: BlockDir) -> Report:
     report.missing_backing = sorted(regular - backing.keys())
     spares = {ino for ino, path in backing.items() if ino >= next_ino and _empty(path)}
     report.orphan_backing = sorted(backing.keys() - regular - spares)
-    return report
 
 
 def repair(store: Store, blockdir: BlockDir, report: Report) -> None:

@@ -180,13 +180,13 @@ def _make_symlink(view: View, rec: r.MakeSymlink) -> Applied:
 
 
 def _link(view: View, rec: r.Link) -> Applied:
+    parent = _directory(view, rec.parent)
+    _free_name(view, rec.parent, rec.name)  # first, as the kernel checks the new name first
     inode = _inode(view, rec.ino)
     if stat.S_ISDIR(inode.mode):
         raise NamespaceError(errno.EPERM)
     if inode.nlink == 0:
         raise NamespaceError(errno.ENOENT, "file was removed")
-    parent = _directory(view, rec.parent)
-    _free_name(view, rec.parent, rec.name)
     inode.nlink += 1
     inode.ctime_ns = rec.now_ns
     done = _add_child(view, parent, rec.name, inode)
@@ -302,13 +302,17 @@ def _rename(view: View, rec: r.Rename) -> Applied:
         return _exchange(view, rec, old_parent, new_parent, src, dst)
     if dst is not None and rec.flags & RENAME_NOREPLACE:
         raise NamespaceError(errno.EEXIST)
-    if dst is not None and dst.ino == src.ino:
-        return Applied(ino=src.ino)  # two names of one inode: POSIX says do nothing
+    # The checks in the order the kernel makes them, so the errno is the same as on ext4.
     moved = _inode(view, src.ino)
-    target = None if dst is None else _inode(view, dst.ino)
-    _check_replace(view, moved, target)
     if stat.S_ISDIR(moved.mode) and _is_within(view, new_parent.ino, moved.ino):
         raise NamespaceError(errno.EINVAL, "cannot move a directory into itself")
+    target = None if dst is None else _inode(view, dst.ino)
+    if target is not None and stat.S_ISDIR(target.mode) and \
+            _is_within(view, old_parent.ino, target.ino):
+        raise NamespaceError(errno.ENOTEMPTY, "target contains the source")
+    if dst is not None and dst.ino == src.ino:
+        return Applied(ino=src.ino)  # two names of one inode: POSIX says do nothing
+    _check_replace(view, moved, target)
     done = Applied(ino=moved.ino, changed_inodes=[moved.ino, old_parent.ino, new_parent.ino],
                    changed_entries=[(old_parent.ino, rec.name_old), (new_parent.ino, rec.name_new)])
     if dst is not None and target is not None:

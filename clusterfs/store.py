@@ -230,10 +230,11 @@ REPLICATED_META = (b"next_ino", b"next_cookie", b"applied_seq")
 class Store:
     """The LMDB environment of one node's replica."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, durable: bool = True) -> None:
+        """`durable=False` skips the device flushes: for tests and simulations only."""
         path.mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(
-            str(path), map_size=MAP_SIZE_BYTES, max_dbs=len(_DB_NAMES), sync=True,
+            str(path), map_size=MAP_SIZE_BYTES, max_dbs=len(_DB_NAMES), sync=durable,
             metasync=False, max_readers=1024,
         )
         with self._env.begin(write=True) as txn:
