@@ -57,7 +57,7 @@ class BlockDir:
         return os.stat(self.path(ino))
 
     def remove(self, ino: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # nothing there
             os.unlink(self.path(ino))
 
     def statvfs(self) -> os.statvfs_result:

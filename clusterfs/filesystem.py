@@ -261,9 +261,8 @@ class FileSystem:
         mode, gid = self._new_owner(parent, mode, caller, is_dir=False)
         applied = await self._commit(
             r.MakeNode(parent, name, mode, caller.uid, gid, rdev, time.time_ns()))
-        fd = self._fresh_fds.pop(applied.ino, None)
-        if fd is not None:
-            os.close(fd)
+        if stat.S_ISREG(mode):
+            os.close(await self._new_backing(applied.ino, parent, name))
         return self._created(applied.ino)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
@@ -271,12 +270,24 @@ class FileSystem:
         mode, gid = self._new_owner(parent, stat.S_IFREG | stat.S_IMODE(mode), caller, False)
         applied = await self._commit(
             r.MakeNode(parent, name, mode, caller.uid, gid, 0, time.time_ns()))
-        fd = self._fresh_fds.pop(applied.ino, None)
-        if fd is None:
-            fd = self.spares.take(applied.ino, time.time_ns())
+        fd = await self._new_backing(applied.ino, parent, name)
         self._set_backing_flags(fd, flags)
         attrs = self._created(applied.ino)
         return self._new_handle(applied.ino, fd), attrs
+
+    async def _new_backing(self, ino: int, parent: int, name: bytes) -> int:
+        """The fd of a new regular file's backing file (made when the record was applied).
+        If it cannot be made (a full or failing block directory), the new name is removed
+        again and the call fails with that errno: no entry without its data."""
+        fd = self._fresh_fds.pop(ino, None)
+        if fd is not None:
+            return fd
+        try:
+            return self.spares.take(ino, time.time_ns())
+        except OSError as exc:
+            log.warning("cannot create the backing file of inode %d: %s", ino, exc)
+            await self._commit(r.Unlink(parent, name, time.time_ns()))
+            raise
 
     async def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attributes:
         mode, gid = self._new_owner(parent, stat.S_IMODE(mode), caller, is_dir=True)
@@ -438,8 +449,8 @@ class FileSystem:
                 self._doomed_added.set()
             for ino in applied.orphaned:
                 self._maybe_purge(ino)
-        except OSError as exc:
-            log.error("block directory: %s (run clusterfs fsck)", exc)
+        except OSError as exc:  # the waiting call sees it too (see `_new_backing`)
+            log.warning("block directory: %s", exc)
 
     async def remove_purged(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                             ) -> None:

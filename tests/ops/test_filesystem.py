@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -166,3 +167,16 @@ def test_recovery_repairs_the_block_directory(tmp_path: Path) -> None:
     assert fsck.check(store, blockdir).clean
     assert {ino for ino, _ in blockdir.iter_backing()} == {kept, gone + 1}
     store.close()
+
+
+async def test_create_without_backing_file_leaves_no_entry(rig: Rig) -> None:
+    with rig.store.read() as view:
+        next_ino = view.get_counter(b"next_ino")
+    fan = Path(rig.blockdir.path(next_ino)).parent
+    shutil.rmtree(fan)
+    fan.write_bytes(b"")  # the block directory cannot take the new backing file
+    with pytest.raises(OSError) as info:
+        await rig.fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, ROOT)
+    assert info.value.errno == errno.ENOTDIR
+    with pytest.raises(NamespaceError):
+        rig.fs.lookup(ROOT_INO, b"f")
