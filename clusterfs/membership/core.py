@@ -82,6 +82,7 @@ class _Witness:
 
     epoch: int
     state: str
+    claimed_s: float
 
 
 @dataclass
@@ -422,9 +423,12 @@ class Membership:
                 actions,
             )
             return
-        if self.witness is None or self.witness.epoch != view.epoch:
-            self.witness = _Witness(view.epoch, "pending")
+        witness, timeout_s = self.witness, self.config.offline_timeout_s
+        if witness is None or witness.epoch != view.epoch:
+            self.witness = _Witness(view.epoch, "pending", now_s)
             actions.append(ClaimWitness(view.epoch, self.name))
+        elif witness.state == "pending" and now_s - witness.claimed_s > timeout_s:
+            self._go_offline(f"no answer from the witness of epoch {view.epoch}", actions)
 
     def _go_offline(self, reason: str, actions: list[Action]) -> None:
         self.state = OFFLINE
