@@ -49,8 +49,9 @@ class ApplyBatch:
 class Validate:
     """Leader only: check `records` in order against the replica as if each accepted one
     were applied before the next (then roll everything back). Answer with
-    `validated(first_seq, errnos)`, one errno per record, 0 for accepted."""
+    `validated(epoch, first_seq, errnos)`, one errno per record, 0 for accepted."""
 
+    epoch: int
     first_seq: int
     records: tuple[AnyRecord, ...]
 

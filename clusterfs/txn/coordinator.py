@@ -76,6 +76,7 @@ class _Wait:
 class _Round:
     batch: Batch
     committing: bool = False  # False: collecting votes; True: collecting acks
+    refused: bool = False  # a member voted no: the round waits for the next view
 
 
 @dataclass(slots=True)
@@ -152,9 +153,11 @@ class Coordinator:
             return self._on_ack(sender, message, now_s)
         return []
 
-    def validated(self, first_seq: int, errnos: list[int], now_s: float) -> list[Action]:
+    def validated(self, epoch: int, first_seq: int, errnos: list[int],
+                  now_s: float) -> list[Action]:
         """The driver's answer to `Validate`: one errno per record, 0 for accepted."""
-        if self._validating is None or self._validating[0] != first_seq:
+        if (epoch != self.view.epoch or self._validating is None
+                or self._validating[0] != first_seq):
             return []
         requests = self._validating[1]
         self._validating = None
@@ -272,7 +275,8 @@ class Coordinator:
         taken = self._queue[:self.config.max_batch_records]
         del self._queue[:len(taken)]
         self._validating = (self.next_seq, taken)
-        return [Validate(self.next_seq, tuple(forward.record for _, _, forward in taken))]
+        records = tuple(forward.record for _, _, forward in taken)
+        return [Validate(self.view.epoch, self.next_seq, records)]
 
     # -- one round: prepare, vote, decide, ack, done -----------------------------------------
 
@@ -283,9 +287,11 @@ class Coordinator:
 
     def _on_vote(self, sender: str, vote: Vote, now_s: float) -> list[Action]:
         round_ = self._round
-        if round_ is None or round_.committing or vote.first_seq != round_.batch.first_seq:
+        if (round_ is None or round_.committing or round_.refused
+                or vote.first_seq != round_.batch.first_seq):
             return []
         if not vote.yes:
+            round_.refused = True  # never commit after a no, even if a retry says yes
             return self._vote_no(sender, vote.reason)
         self._answered(sender)
         if self._waiting():

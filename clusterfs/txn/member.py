@@ -55,10 +55,11 @@ class Member:
                reason: str = "") -> list[Action]:
         return self.participant.logged(epoch, first_seq, ok, now_s, reason)
 
-    def validated(self, first_seq: int, errnos: list[int], now_s: float) -> list[Action]:
+    def validated(self, epoch: int, first_seq: int, errnos: list[int],
+                  now_s: float) -> list[Action]:
         if self.coordinator is None:
             return []
-        return self.coordinator.validated(first_seq, errnos, now_s)
+        return self.coordinator.validated(epoch, first_seq, errnos, now_s)
 
     def tick(self, now_s: float) -> list[Action]:
         actions = self.participant.tick(now_s)

@@ -16,6 +16,10 @@ and leader messages only from the view's leader.
   acknowledged. A participant that learns of commits it cannot apply (a lost message, a
   catch-up order) fetches the committed batches from the leader or the named source
   (`FetchLog`/`LogEntries`); a peer whose log no longer reaches back asks for a snapshot.
+- Survey: it reports its applied sequence and its durable prepared batches; an older
+  durable batch stays reported until the batch replacing it is durable. A batch that
+  becomes durable only after its epoch ended was never voted for, so it is not reported
+  (it could otherwise resurface after a later leader refused one of its records).
 - It keeps the last `log_keep_batches` committed batches to serve other members' fetches.
 """
 
@@ -86,7 +90,9 @@ class Participant:
         self.applied_seq = applied_seq
         self.prepared: dict[int, Batch] = {b.first_seq: b for b in prepared}
         self._durable = {(b.epoch, b.first_seq) for b in prepared}
-        self._logging: set[tuple[int, int]] = set()
+        self._logged: dict[int, Batch] = dict(self.prepared)  # durable: what Report says
+        self._logging: dict[tuple[int, int], Batch] = {}
+        self._failed: dict[tuple[int, int], str] = {}  # batches it could not log: votes no
         self._decided: dict[int, int] = {}  # first_seq -> epoch of the commit decision
         self._fetched: dict[int, Batch] = {}  # committed batches learned by fetching
         self.log: OrderedDict[int, Batch] = OrderedDict((b.first_seq, b) for b in log)
@@ -129,13 +135,16 @@ class Participant:
                reason: str = "") -> list[Action]:
         """The driver's confirmation of `LogDurably` (ok=False: it could not log)."""
         key = (epoch, first_seq)
-        if key not in self._logging:
+        batch = self._logging.pop(key, None)
+        if batch is None:
             return []
-        self._logging.discard(key)
+        if self.view is None or epoch != self.view.epoch or not self.online:
+            return []  # too late to vote: it cannot commit, so it is neither kept nor reported
         if ok:
             self._durable.add(key)
-        if self.view is None or epoch != self.view.epoch or not self.online:
-            return []
+            self._keep_logged(batch)
+        else:
+            self._failed[key] = reason
         vote = Vote(epoch, first_seq, self.name, ok, reason)
         return [Send(self.view.leader, vote)]
 
@@ -188,13 +197,27 @@ class Participant:
             return []
         if batch.last_seq <= self.applied_seq or key in self._durable:
             return [Send(sender, Vote(message.epoch, batch.first_seq, self.name, True))]
+        if key in self._failed:
+            vote = Vote(message.epoch, batch.first_seq, self.name, False, self._failed[key])
+            return [Send(sender, vote)]
         if key in self._logging:
             return []
         for first_seq in [s for s in self.prepared if s >= batch.first_seq]:
             del self.prepared[first_seq]  # leftovers of older epochs
         self.prepared[batch.first_seq] = batch
-        self._logging.add(key)
+        self._logging[key] = batch
         return [LogDurably(batch)]
+
+    def _keep_logged(self, batch: Batch) -> None:
+        """Remember a durable batch for reports. Until a newer batch at a sequence is
+        durable, the older one stays reported: a batch hidden while it is being replaced
+        could be a committed one that a new leader must re-drive."""
+        held = self._logged.get(batch.first_seq)
+        if held is not None and held.epoch > batch.epoch:
+            return  # confirmations may arrive out of order
+        self._logged = {s: b for s, b in self._logged.items()
+                        if s < batch.first_seq or b.epoch > batch.epoch}
+        self._logged[batch.first_seq] = batch
 
     def _on_decide(self, sender: str, message: Decide, now_s: float) -> list[Action]:
         if not message.commit:
@@ -203,6 +226,8 @@ class Participant:
                 return []
             del self.prepared[message.first_seq]
             self._durable.discard((held.epoch, held.first_seq))
+            if self._logged.get(message.first_seq) == held:
+                del self._logged[message.first_seq]
             return [Discard(message.first_seq)]
         if message.first_seq > self.applied_seq:
             self._decided[message.first_seq] = message.epoch
@@ -280,7 +305,7 @@ class Participant:
 
     def _apply(self, batch: Batch) -> list[Action]:
         self.applied_seq = batch.last_seq
-        for table in (self.prepared, self._decided, self._fetched):
+        for table in (self.prepared, self._decided, self._fetched, self._logged):
             for seq in [s for s in table if s <= self.applied_seq]:
                 del table[seq]
         self._durable = {key for key in self._durable if key[1] > self.applied_seq}
@@ -308,8 +333,7 @@ class Participant:
 
     def _report(self) -> Send:
         assert self.view is not None
-        prepared = tuple(b for s, b in sorted(self.prepared.items())
-                         if (b.epoch, s) in self._durable and s > self.applied_seq)
+        prepared = tuple(b for s, b in sorted(self._logged.items()) if s > self.applied_seq)
         report = Report(self.view.epoch, self.name, self.applied_seq, prepared)
         return Send(self.view.leader, report)
 
