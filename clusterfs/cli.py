@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true")
     p.set_defaults(func=cmd_fsck)
 
-    p = sub.add_parser("demo", help="a small cluster on loopback with a short tour")
+    p = sub.add_parser("demo", help="a node on loopback with a short tour (single node for now)")
     p.add_argument("dir", nargs="?")
     p.add_argument("--no-wait", action="store_true", help="stop after the tour")
     p.set_defaults(func=cmd_demo)
