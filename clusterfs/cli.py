@@ -101,7 +101,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     check_mount_args(args)
     lock_state_dir(Path(args.state))
     if args.foreground:
-        _setup_logging(args.verbose, None)
+        _setup_logging(args.verbose)
         _run_node(args, lambda: log.info("mounted %s on %s", args.blockdir, args.mountpoint))
         return 0
     return _daemonize(args)
@@ -131,7 +131,7 @@ def _daemon_child(args: argparse.Namespace, write_fd: int) -> int:
     os.dup2(null, 0)
     os.dup2(out, 1)
     os.dup2(out, 2)
-    _setup_logging(args.verbose, None)
+    _setup_logging(args.verbose)
 
     def ready() -> None:
         os.write(write_fd, b"ok\n")
@@ -184,11 +184,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- wiring -------------------------------------------------------------------------------
 
-def _setup_logging(verbose: bool, path: Path | None) -> None:
+def _setup_logging(verbose: bool) -> None:
+    """Log to stderr (the daemon's stderr is its log file in the state directory)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        filename=path,
     )
 
 
