@@ -36,14 +36,12 @@ class Spares:
     def take(self, ino: int, now_ns: int) -> int:
         """An fd on the (empty) backing file of the new regular inode `ino`, created at
         `now_ns` (a spare's times are those of the create, not of the spare)."""
-        if ino in self._inos:
-            self._inos.discard(ino)
-            fd = self._blockdir.open(ino, os.O_RDWR | os.O_CREAT)
-            os.utime(fd, ns=(now_ns, now_ns))
-        else:
-            fd = self._blockdir.create(ino)
+        self._inos.discard(ino)
+        # Also a spare the worker thread made but has not adopted yet: it exists already.
+        fd = self._blockdir.create(ino)
         if os.fstat(fd).st_size:  # a file left by a replica that lost its last batch
             os.ftruncate(fd, 0)
+        os.utime(fd, ns=(now_ns, now_ns))
         self._maybe_refill()
         return fd
 

@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import stat
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -180,3 +181,18 @@ async def test_create_without_backing_file_leaves_no_entry(rig: Rig) -> None:
     assert info.value.errno == errno.ENOTDIR
     with pytest.raises(NamespaceError):
         rig.fs.lookup(ROOT_INO, b"f")
+
+
+async def test_new_file_has_the_create_time_even_on_an_unadopted_spare(rig: Rig) -> None:
+    """The spares task may have made the next backing file without adopting it yet; the new
+    file still carries the time of its create, not the spare's."""
+    with rig.store.read() as view:
+        next_ino = view.get_counter(b"next_ino")
+    rig.blockdir.create_empty(next_ino)
+    os.utime(rig.blockdir.path(next_ino), ns=(1_000_000_000, 1_000_000_000))
+    before_ns = time.time_ns()
+    fh, attrs = await rig.fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, ROOT)
+    rig.fs.release(fh)
+    assert attrs.ino == next_ino
+    got = rig.fs.getattr(attrs.ino)
+    assert before_ns <= got.atime_ns and before_ns <= got.mtime_ns
