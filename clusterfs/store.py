@@ -10,20 +10,29 @@ Key layout (all integers big-endian, so LMDB's byte order is numeric order):
     cookies   parent u64 + cookie u64             name (readdir order and stable offsets)
     xattrs    ino u64 + name                      value bytes
     orphans   ino u64                             empty (nlink 0, waiting for the last close)
-    log       seq u64                             encoded record (bounded, for catching up)
+    log       first_seq u64                       a committed 2PC batch, encoded by the commit
+                                                  driver (the last few, for catching up)
+    prepared  first_seq u64                       a durably prepared, not yet applied batch
     meta      b"next_ino" / b"next_cookie" /      u64
               b"applied_seq"
               b"clean"                            b"1" while the replica is closed cleanly
               b"cluster_id"                       the block directory's cluster id
+              b"view" / b"acceptor" / b"offline"  membership: the installed view, the Paxos
+                                                  acceptor state, why the node is offline
 
 A readdir cookie is handed out once per directory entry from one cluster-wide counter, so a
 listing resumed after a cookie never repeats or skips an entry that survived in between.
 
-Durability: every write transaction flushes its data pages (fdatasync) before it commits, and
-LMDB writes the new meta page after that without a second flush (`metasync=False`): one device
-flush per batch instead of two. The replica is consistent after any crash. A committed batch
-survives kill -9 at once; it survives power loss once its meta page is on disk, which the next
-commit's flush or the committer's idle `sync()` (20 ms later) ensures.
+Durability: LMDB itself never flushes (`sync=False`); the store flushes explicitly with
+`fdatasync` after the write transactions that must be durable (`write()`), and not after
+those whose content is durable elsewhere (`write(flush=False)`: applying a 2PC batch that
+sits, flushed, in the prepared log of the same replica until the apply removes it). That
+makes a commit round cost one device flush per node instead of two. The replica survives
+kill -9 of the process at any moment (the page cache keeps every committed transaction). A
+power loss loses at most the transactions since the last flush; LMDB's copy-on-write pages
+keep the last flushed state intact, except if the loss hits during a flush that writes the
+new meta page before the pages it points to — a narrow window that `metasync` ordering would
+close at the price of a second flush per round, which we do not pay (see docs/commit-protocol.md).
 """
 
 from __future__ import annotations
@@ -46,7 +55,8 @@ DENTRY = struct.Struct(">QQ")
 assert DENTRY.size == 16
 
 MAP_SIZE_BYTES = 64 << 30  # address space only; the file grows as needed
-_DB_NAMES = ("inodes", "symlinks", "dentries", "cookies", "xattrs", "orphans", "log", "meta")
+_DB_NAMES = ("inodes", "symlinks", "dentries", "cookies", "xattrs", "orphans", "log", "prepared",
+             "meta")
 FIRST_COOKIE = 3  # 1 and 2 are the offsets after "." and ".."
 
 
@@ -217,10 +227,48 @@ class View:
     def put_meta(self, key: bytes, value: bytes) -> None:
         self._txn.put(key, value, db=self._db["meta"])
 
-    def append_log(self, seq: int, encoded: bytes, keep: int) -> None:
-        self._txn.put(_u64(seq), encoded, db=self._db["log"])
-        if seq > keep:
-            self._txn.delete(_u64(seq - keep), db=self._db["log"])
+    def delete_meta(self, key: bytes) -> None:
+        self._txn.delete(key, db=self._db["meta"])
+
+    # -- the commit log: committed and prepared batches, as encoded by the commit driver --
+    def append_log(self, first_seq: int, encoded: bytes, keep_batches: int) -> None:
+        """Add a committed batch; drop the oldest beyond `keep_batches`."""
+        db = self._db["log"]
+        self._txn.put(_u64(first_seq), encoded, db=db)
+        excess = self._txn.stat(db)["entries"] - keep_batches
+        if excess > 0:
+            cursor = self._txn.cursor(db=db)
+            cursor.first()
+            for _ in range(excess):
+                cursor.delete()
+
+    def log_tail(self, count: int) -> list[bytes]:
+        """The last `count` committed batches, oldest first."""
+        cursor = self._txn.cursor(db=self._db["log"])
+        tail: list[bytes] = []
+        if count > 0 and cursor.last():
+            for _, value in cursor.iterprev():
+                tail.append(bytes(value))
+                if len(tail) == count:
+                    break
+        return tail[::-1]
+
+    def put_prepared(self, first_seq: int, encoded: bytes) -> None:
+        """Keep a prepared batch; it replaces every prepared batch from `first_seq` on."""
+        self.delete_prepared_from(first_seq)
+        self._txn.put(_u64(first_seq), encoded, db=self._db["prepared"])
+
+    def delete_prepared(self, first_seq: int) -> None:
+        self._txn.delete(_u64(first_seq), db=self._db["prepared"])
+
+    def delete_prepared_from(self, first_seq: int) -> None:
+        cursor = self._txn.cursor(db=self._db["prepared"])
+        if cursor.set_range(_u64(first_seq)):
+            while cursor.delete():
+                pass
+
+    def prepared(self) -> list[bytes]:
+        return [bytes(value) for _, value in self._txn.cursor(db=self._db["prepared"])]
 
 
 REPLICATED_DBS = ("inodes", "symlinks", "dentries", "cookies", "xattrs", "orphans")
@@ -232,9 +280,10 @@ class Store:
 
     def __init__(self, path: Path, durable: bool = True) -> None:
         """`durable=False` skips the device flushes: for tests and simulations only."""
+        self._durable = durable
         path.mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(
-            str(path), map_size=MAP_SIZE_BYTES, max_dbs=len(_DB_NAMES), sync=durable,
+            str(path), map_size=MAP_SIZE_BYTES, max_dbs=len(_DB_NAMES), sync=False,
             metasync=False, max_readers=1024,
         )
         with self._env.begin(write=True) as txn:
@@ -246,10 +295,22 @@ class Store:
             yield View(txn, self._dbs)
 
     @contextmanager
-    def write(self) -> Iterator[View]:
-        """A synced write transaction; commits when the block ends without an exception."""
+    def write(self, flush: bool = True) -> Iterator[View]:
+        """A write transaction; commits when the block ends without an exception, then
+        flushes the replica to the device unless `flush` is False (see Durability)."""
         with self._env.begin(write=True) as txn:
             yield View(txn, self._dbs)
+        if flush and self._durable:
+            self._env.sync(True)
+
+    @contextmanager
+    def scratch(self) -> Iterator[View]:
+        """A write transaction that is always rolled back (to try records out)."""
+        txn = self._env.begin(write=True)
+        try:
+            yield View(txn, self._dbs)
+        finally:
+            txn.abort()
 
     @contextmanager
     def savepoint(self, view: View) -> Iterator[View]:

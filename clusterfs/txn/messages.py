@@ -166,3 +166,15 @@ def decode(frame: bytes) -> AnyMessage:
         return _decoder.decode(memoryview(frame)[1:])
     except Exception as exc:  # msgspec raises several types on hostile input; one boundary
         raise ProtocolError(f"undecodable frame: {exc}") from None
+
+
+_batch_decoder = msgspec.msgpack.Decoder(Batch)
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """A batch as the replica's commit log stores it."""
+    return _encoder.encode(batch)
+
+
+def decode_batch(raw: bytes) -> Batch:
+    return _batch_decoder.decode(raw)

@@ -83,7 +83,8 @@ class Participant:
     replica when a node restarts."""
 
     def __init__(self, name: str, applied_seq: int = 0, prepared: tuple[Batch, ...] = (),
-                 log: tuple[Batch, ...] = (), config: ParticipantConfig | None = None) -> None:
+                 log: tuple[Batch, ...] = (), config: ParticipantConfig | None = None,
+                 first_request_id: int = 1) -> None:
         self.name = name
         self.config = config or ParticipantConfig()
         self.view: View | None = None
@@ -102,7 +103,9 @@ class Participant:
         self._ready_epoch = 0
         self._ready_through_seq = 0
         self._requests: dict[int, _Request] = {}
-        self._next_request_id = 1
+        # A restarted node starts above every id it used before (the driver passes a clock
+        # reading), so a leader that still remembers an old request never mistakes a new one.
+        self._next_request_id = first_request_id
         self._report_at_s = 0.0
         self._snapshot_asked = False
 
@@ -111,6 +114,12 @@ class Participant:
     @property
     def online(self) -> bool:
         return self.view is not None and self.view.has(self.name)
+
+    @property
+    def serving(self) -> bool:
+        """Online, and the leader of this epoch has said `Ready`: captures go through."""
+        return (self.online and self.view is not None and self._ready_epoch == self.view.epoch
+                and self.applied_seq >= self._ready_through_seq)
 
     def on_view(self, view: View, now_s: float) -> list[Action]:
         if self.view is not None and view.epoch <= self.view.epoch:

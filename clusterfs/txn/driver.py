@@ -1,0 +1,359 @@
+"""The trio driver of the commit cores: the cluster's committer on one node.
+
+It feeds this node's `Member` everything that happens (messages from peers, local
+captures, view changes, the answers of the replica, the passing of time) and performs the
+actions it returns, in order, from one task, so that batches are applied strictly one after
+another. Messages to this node itself and `Validate` are handled inline, in the same task.
+
+The file system layer sees the `Committer` interface only: `submit` waits until the record
+is applied on every member (or refused with an errno), `submit_lazy` does not wait.
+
+Durability (DESIGN.md rule 3): a batch is logged as prepared in a flushed write transaction
+(in a worker thread, so the event loop goes on answering lookups and filling the next
+batch) before this node votes for it; a committed batch is applied in one transaction that
+also removes it from the prepared log, so the record is durable on every member from the
+vote on, whichever of the two a crash leaves behind. A record is applied on every node by
+the same function (`namespace.apply`), in the order of the global sequence numbers.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import lmdb
+import trio
+
+from clusterfs import records
+from clusterfs.committer import AppliedHook
+from clusterfs.namespace import Applied, NamespaceError, apply
+from clusterfs.store import Store
+from clusterfs.txn.actions import (
+    Action,
+    ApplyBatch,
+    Discard,
+    LogDurably,
+    NeedSnapshot,
+    RemoveMember,
+    Reply,
+    Send,
+    Validate,
+)
+from clusterfs.txn.coordinator import CoordinatorConfig
+from clusterfs.txn.member import Member
+from clusterfs.txn.messages import (
+    AnyMessage,
+    Batch,
+    ProtocolError,
+    decode,
+    decode_batch,
+    encode,
+    encode_batch,
+)
+from clusterfs.txn.participant import Participant, ParticipantConfig
+from clusterfs.txn.view import View
+
+log = logging.getLogger(__name__)
+
+APPLIED_SEQ = b"applied_seq"
+LOG_KEEP_BATCHES = 10_000
+INLINE_APPLY_RECORDS = 64  # bigger batches are applied in a worker thread
+IDLE_FLUSH_DELAY_S = 0.02  # quiet time after which applied batches are flushed
+
+# Deadlines with room for a loaded two-core machine; a joiner's catch-up counts as an ack.
+COORDINATOR_CONFIG = CoordinatorConfig(prepare_timeout_s=3.0, ack_timeout_s=5.0,
+                                       survey_timeout_s=3.0)
+
+SendFrame = Callable[[str, bytes], None]
+MembershipReport = Callable[[RemoveMember | NeedSnapshot], None]
+
+
+@dataclass(eq=False)
+class _Waiter:
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Applied | None = None
+    error: NamespaceError | None = None
+
+
+@dataclass(frozen=True)
+class _Message:
+    sender: str
+    message: AnyMessage
+
+
+@dataclass(frozen=True)
+class _Capture:
+    record: records.Record
+    waiter: _Waiter | None  # None: lazy, nobody waits
+
+
+@dataclass(frozen=True)
+class _Logged:
+    epoch: int
+    first_seq: int
+    ok: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class _NewView:
+    view: View
+
+
+_Event = _Message | _Capture | _Logged | _NewView
+
+
+def restore_participant(name: str, store: Store) -> Participant:
+    """This node's participant as its replica left it: applied sequence, prepared batches
+    and the tail of the commit log."""
+    with store.read() as view:
+        applied_seq = view.get_counter(APPLIED_SEQ)
+        prepared = tuple(decode_batch(raw) for raw in view.prepared())
+        tail = tuple(decode_batch(raw) for raw in view.log_tail(LOG_KEEP_BATCHES))
+    return Participant(name, applied_seq, prepared, tail,
+                       ParticipantConfig(log_keep_batches=LOG_KEEP_BATCHES),
+                       first_request_id=time.time_ns())
+
+
+class CommitDriver:
+    """Runs one node's `Member` from one trio task; the `Committer` of a cluster node."""
+
+    def __init__(self, name: str, store: Store, send_frame: SendFrame, on_applied: AppliedHook,
+                 report: MembershipReport,
+                 before_ack: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`before_ack` runs after a batch is applied, before it is acknowledged: the file
+        system layer waits there until the kernel has dropped what the batch changed."""
+        self.name = name
+        self._before_ack = before_ack
+        self._store = store
+        self._send_frame = send_frame
+        self._on_applied = on_applied
+        self._report = report
+        self.member = Member(restore_participant(name, store), COORDINATOR_CONFIG)
+        self._events_in, self._events = trio.open_memory_channel[_Event](math.inf)
+        self._waiters: dict[int, _Waiter] = {}
+        self._outcomes: dict[int, Applied] = {}
+        self._nursery: trio.Nursery | None = None
+        self._unflushed = False
+        self.offline_reason = ""
+        self.changed = trio.Event()  # set (and replaced) whenever the view or readiness moves
+
+    # -- the Committer interface ------------------------------------------------------------
+    async def submit(self, record: records.Record) -> Applied:
+        waiter = _Waiter()
+        self._events_in.send_nowait(_Capture(record, waiter))
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.result is not None
+        return waiter.result
+
+    def submit_lazy(self, record: records.Record) -> None:
+        self._events_in.send_nowait(_Capture(record, None))
+
+    # -- inputs from the transport and the membership layer ---------------------------------
+    def on_frame(self, sender: str, payload: bytes) -> None:
+        try:
+            message = decode(payload)
+        except ProtocolError as exc:
+            log.warning("dropped a commit-protocol frame from %s: %s", sender[:64], exc)
+            return
+        self._events_in.send_nowait(_Message(sender, message))
+
+    def on_view(self, view: View) -> None:
+        self._events_in.send_nowait(_NewView(view))
+
+    def go_offline(self, reason: str) -> None:
+        """Stop taking part at once: no vote, apply or acknowledgement; callers get EIO."""
+        self.offline_reason = reason
+        for waiter in self._waiters.values():
+            waiter.error = NamespaceError(errno.EIO, f"offline: {reason}")
+            waiter.done.set()
+        self._waiters.clear()
+        self._notify()
+
+    @property
+    def serving(self) -> bool:
+        return not self.offline_reason and self.member.participant.serving
+
+    @property
+    def applied_seq(self) -> int:
+        return self.member.participant.applied_seq
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                deadline_s = self.member.next_deadline_s()
+                event: _Event | None = None
+                with trio.move_on_at(math.inf if deadline_s is None else deadline_s):
+                    event = await self._receive_or_flush()
+                now_s = trio.current_time()
+                was_serving = self.serving
+                actions = self.member.tick(now_s) if event is None else self._feed(event, now_s)
+                await self._perform(actions)
+                if self.serving != was_serving:
+                    self._notify()
+
+    async def _receive_or_flush(self) -> _Event:
+        """The next event; if none comes for a moment after an unflushed apply, flush the
+        replica in a worker thread meanwhile (bounding what a power loss can undo)."""
+        if self._unflushed:
+            with trio.move_on_after(IDLE_FLUSH_DELAY_S):
+                return await self._events.receive()
+            self._unflushed = False
+            try:
+                await trio.to_thread.run_sync(self._store.sync)
+            except (lmdb.Error, OSError) as exc:
+                log.error("replica flush failed: %s", exc)
+        return await self._events.receive()
+
+    def _feed(self, event: _Event, now_s: float) -> list[Action]:
+        if isinstance(event, _NewView) and event.view.has(self.name):
+            self.offline_reason = ""  # admitted again (re-join)
+        if self.offline_reason:
+            if isinstance(event, _Capture) and event.waiter is not None:
+                event.waiter.error = NamespaceError(errno.EIO, f"offline: {self.offline_reason}")
+                event.waiter.done.set()
+            return []
+        match event:
+            case _Message(sender, message):
+                return self.member.on_message(sender, message, now_s)
+            case _Capture(record, waiter):
+                request_id, actions = self.member.capture(cast(records.AnyRecord, record),
+                                                          now_s)
+                if waiter is not None:
+                    self._waiters[request_id] = waiter
+                return actions
+            case _Logged(epoch, first_seq, ok, reason):
+                return self.member.logged(epoch, first_seq, ok, now_s, reason)
+            case _NewView(view):
+                actions = self.member.on_view(view, now_s)
+                self._notify()
+                return actions
+        raise AssertionError(event)
+
+    async def _perform(self, actions: list[Action]) -> None:
+        """Perform in order; actions produced inline (messages to self, validation) queue
+        behind the ones already there."""
+        queue = collections.deque(actions)
+        while queue:
+            action = queue.popleft()
+            match action:
+                case Send(to, message) if to == self.name:
+                    queue.extend(self.member.on_message(self.name, message, trio.current_time()))
+                case Send(to, message):
+                    self._send_frame(to, encode(message))
+                case LogDurably(batch):
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._log_durably, batch)
+                case Discard(first_seq):
+                    self._discard(first_seq)
+                case ApplyBatch(batch):
+                    await self._apply(batch)
+                case Validate(epoch, first_seq, batch_records):
+                    errnos = self._validate(batch_records)
+                    queue.extend(self.member.validated(epoch, first_seq, errnos,
+                                                       trio.current_time()))
+                case Reply(request_id, code):
+                    self._reply(request_id, code)
+                case RemoveMember() | NeedSnapshot():
+                    self._report(action)
+
+    # -- the replica --------------------------------------------------------------------------
+    async def _log_durably(self, batch: Batch) -> None:
+        """Durability point 1: the batch is on disk before this node votes for it."""
+        try:
+            await trio.to_thread.run_sync(self._put_prepared, batch)
+        except (lmdb.Error, OSError) as exc:
+            log.error("cannot log batch %d durably: %s", batch.first_seq, exc)
+            self._events_in.send_nowait(_Logged(batch.epoch, batch.first_seq, False, str(exc)))
+            return
+        self._events_in.send_nowait(_Logged(batch.epoch, batch.first_seq, True, ""))
+
+    def _put_prepared(self, batch: Batch) -> None:
+        with self._store.write() as view:
+            view.put_prepared(batch.first_seq, encode_batch(batch))
+
+    def _discard(self, first_seq: int) -> None:
+        with self._store.write(flush=False) as view:
+            view.delete_prepared(first_seq)
+
+    async def _apply(self, batch: Batch) -> None:
+        """Apply to the replica, then this node's side effects (backing files, kernel
+        caches); the outcomes of this node's own requests wait for their `Reply`.
+
+        The apply is not flushed: the batch is durable in the prepared log (point 1) until
+        this transaction removes it, so a crash either keeps the apply or the prepared
+        batch, which the settle rule commits again. An idle flush follows soon after."""
+        if len(batch.entries) <= INLINE_APPLY_RECORDS:
+            outcomes = self._apply_in_replica(batch)  # cheaper than a thread hop
+        else:
+            outcomes = await trio.to_thread.run_sync(self._apply_in_replica, batch)
+        self._unflushed = True
+        for entry, outcome in zip(batch.entries, outcomes, strict=True):
+            local = entry.origin == self.name
+            if isinstance(outcome, NamespaceError):
+                # Validated by the leader against an identical replica: this replica differs.
+                log.error("record %s of batch %d failed here (%s): replica diverged",
+                          type(entry.record).__name__, batch.first_seq, outcome)
+                self._report(RemoveMember(self.name, f"cannot apply batch {batch.first_seq}"))
+                continue
+            self._on_applied(entry.record, outcome, local)
+            if local and entry.request_id in self._waiters:
+                self._outcomes[entry.request_id] = outcome
+        if self._before_ack is not None:
+            await self._before_ack()
+
+    def _apply_in_replica(self, batch: Batch) -> list[Applied | NamespaceError]:
+        outcomes: list[Applied | NamespaceError] = []
+        with self._store.write(flush=False) as view:
+            for entry in batch.entries:
+                try:
+                    with self._store.savepoint(view) as child:
+                        outcomes.append(apply(child, entry.record))
+                except NamespaceError as exc:
+                    outcomes.append(exc)
+            view.set_counter(APPLIED_SEQ, batch.last_seq)
+            view.append_log(batch.first_seq, encode_batch(batch), LOG_KEEP_BATCHES)
+            view.delete_prepared(batch.first_seq)
+        return outcomes
+
+    def _validate(self, batch_records: tuple[records.AnyRecord, ...]) -> list[int]:
+        """The leader's check: each record against the replica as if the accepted ones
+        before it were applied; nothing is kept."""
+        errnos: list[int] = []
+        with self._store.scratch() as view:
+            for record in batch_records:
+                try:
+                    with self._store.savepoint(view) as child:
+                        apply(child, record)
+                    errnos.append(0)
+                except NamespaceError as exc:
+                    errnos.append(exc.errno)
+        return errnos
+
+    def _reply(self, request_id: int, code: int) -> None:
+        waiter = self._waiters.pop(request_id, None)
+        outcome = self._outcomes.pop(request_id, None)
+        if waiter is None:
+            return  # a lazy record
+        if code:
+            waiter.error = NamespaceError(code, "refused by the cluster")
+        elif outcome is None:  # cannot happen: success comes after the local apply
+            waiter.error = NamespaceError(errno.EIO, "applied elsewhere but not here")
+        else:
+            waiter.result = outcome
+        waiter.done.set()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()

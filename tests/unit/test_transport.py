@@ -1,0 +1,350 @@
+"""The ZeroMQ transport, over real zmq sockets on 127.0.0.1 (DESIGN.md section 5)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import socket
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import trio
+import zmq
+
+from clusterfs.txn import transport
+from clusterfs.txn.transport import (
+    CHANNEL_MEMBERSHIP,
+    CHANNEL_TXN,
+    Transport,
+    TransportError,
+    endpoint,
+    request,
+)
+
+WAIT_S = 5.0
+
+
+def free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+class Inbox:
+    """Collects what a transport's handlers receive: (sender, channel, payload)."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, bytes, bytes]] = []
+        self._changed = trio.Event()
+
+    def handler(self, channel: bytes) -> transport.Handler:
+        def handle(sender: str, payload: bytes) -> None:
+            self.received.append((sender, channel, payload))
+            self._changed.set()
+            self._changed = trio.Event()
+
+        return handle
+
+    async def wait_for(self, count: int) -> list[tuple[str, bytes, bytes]]:
+        with trio.fail_after(WAIT_S):
+            while len(self.received) < count:
+                await self._changed.wait()
+        return self.received
+
+
+class Cluster:
+    """Several transports that resolve each other's names through one dict."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.addresses: dict[str, str] = {}
+        self.inboxes: dict[str, Inbox] = {}
+
+    async def start(self, name: str, address: str | None = None) -> Transport:
+        address = address or free_address()
+        self.addresses[name] = address
+        node = Transport(name, address, self.addresses.get)
+        inbox = self.inboxes[name] = Inbox()
+        node.on(CHANNEL_TXN, inbox.handler(CHANNEL_TXN))
+        node.on(CHANNEL_MEMBERSHIP, inbox.handler(CHANNEL_MEMBERSHIP))
+        await self.nursery.start(node.run)
+        return node
+
+
+@contextmanager
+def raw_dealer(address: str, identity: bytes) -> Iterator[zmq.Socket[bytes]]:
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.IDENTITY, identity)
+    try:
+        dealer.connect(endpoint(address))
+        yield dealer
+    finally:
+        dealer.close()
+
+
+async def wait_for_warning(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    with trio.fail_after(WAIT_S):
+        while not any(r.levelno == logging.WARNING and text in r.getMessage()
+                      for r in caplog.records):
+            await trio.sleep(0.01)
+
+
+# -- addresses ----------------------------------------------------------------------------
+
+def test_endpoint_of_good_addresses() -> None:
+    assert endpoint("127.0.0.1:5000") == "tcp://127.0.0.1:5000"
+    assert endpoint("node-a.example:1") == "tcp://node-a.example:1"
+    assert endpoint("[::1]:7000") == "tcp://[::1]:7000"
+
+
+@pytest.mark.parametrize("address", ["", "127.0.0.1", ":5000", "127.0.0.1:", "host:port",
+                                     "host:-1", "host:5000 ", "host: 5000"])
+def test_endpoint_rejects_bad_addresses(address: str) -> None:
+    with pytest.raises(TransportError, match="is not HOST:PORT"):
+        endpoint(address)
+
+
+# -- node to node ---------------------------------------------------------------------------
+
+async def test_messages_arrive_with_sender_name_and_channel(nursery: trio.Nursery) -> None:
+    cluster = Cluster(nursery)
+    a, b = await cluster.start("a"), await cluster.start("b")
+    a.send("b", CHANNEL_TXN, b"to b on txn")
+    b.send("a", CHANNEL_MEMBERSHIP, b"to a on membership")
+    assert await cluster.inboxes["b"].wait_for(1) == [("a", CHANNEL_TXN, b"to b on txn")]
+    assert await cluster.inboxes["a"].wait_for(1) == [
+        ("b", CHANNEL_MEMBERSHIP, b"to a on membership")]
+
+
+async def test_empty_and_binary_payloads_arrive_intact(nursery: trio.Nursery) -> None:
+    cluster = Cluster(nursery)
+    a, _ = await cluster.start("a"), await cluster.start("b")
+    payloads = [b"", bytes(range(256)), b"\x00" * 100_000]
+    for payload in payloads:
+        a.send("b", CHANNEL_TXN, payload)
+    received = await cluster.inboxes["b"].wait_for(len(payloads))
+    assert [p for _, _, p in received] == payloads
+
+
+async def test_many_messages_arrive_in_order_per_sender(nursery: trio.Nursery) -> None:
+    cluster = Cluster(nursery)
+    a, _, c = (await cluster.start("a"), await cluster.start("b"),
+               await cluster.start("c"))
+    count = 1000
+    for i in range(count):
+        a.send("b", CHANNEL_TXN, b"a%d" % i)
+        c.send("b", CHANNEL_MEMBERSHIP, b"c%d" % i)
+        if i % 100 == 0:
+            await trio.sleep(0)  # let the receiver run meanwhile
+    received = await cluster.inboxes["b"].wait_for(2 * count)
+    assert len(received) == 2 * count
+    from_a = [(ch, p) for sender, ch, p in received if sender == "a"]
+    from_c = [(ch, p) for sender, ch, p in received if sender == "c"]
+    assert from_a == [(CHANNEL_TXN, b"a%d" % i) for i in range(count)]
+    assert from_c == [(CHANNEL_MEMBERSHIP, b"c%d" % i) for i in range(count)]
+
+
+async def test_send_to_a_literal_address_names_the_sender(nursery: trio.Nursery) -> None:
+    cluster = Cluster(nursery)
+    joiner = Transport("joiner", free_address(), lambda name: None)
+    await nursery.start(joiner.run)
+    await cluster.start("b")
+    joiner.send(cluster.addresses["b"], CHANNEL_MEMBERSHIP, b"let me in")
+    assert await cluster.inboxes["b"].wait_for(1) == [
+        ("joiner", CHANNEL_MEMBERSHIP, b"let me in")]
+
+
+async def test_unknown_destination_is_dropped_and_sending_goes_on(
+        nursery: trio.Nursery) -> None:
+    cluster = Cluster(nursery)
+    a, _ = await cluster.start("a"), await cluster.start("b")
+    a.send("nobody", CHANNEL_TXN, b"lost")  # resolve returns None: no exception
+    a.send("b", CHANNEL_TXN, b"delivered")
+    assert await cluster.inboxes["b"].wait_for(1) == [("a", CHANNEL_TXN, b"delivered")]
+
+
+async def test_send_before_run_and_after_stop_is_dropped() -> None:
+    address = free_address()
+    node = Transport("a", address, {"b": free_address()}.get)
+    node.send("b", CHANNEL_TXN, b"before run")  # not bound yet: dropped, no exception
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        nursery.cancel_scope.cancel()
+    node.send("b", CHANNEL_TXN, b"after stop")
+
+
+async def test_a_moved_peer_is_found_at_its_new_address(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "RESOLVE_TTL_S", 0.0)
+    async with trio.open_nursery() as outer:
+        cluster = Cluster(outer)
+        a = await cluster.start("a")
+        async with trio.open_nursery() as inner:
+            old_b = Cluster(inner)
+            old_b.addresses = cluster.addresses
+            await old_b.start("b")
+            a.send("b", CHANNEL_TXN, b"first")
+            assert await old_b.inboxes["b"].wait_for(1) == [("a", CHANNEL_TXN, b"first")]
+            inner.cancel_scope.cancel()
+        await cluster.start("b")  # restarted elsewhere; the registry says where
+        a.send("b", CHANNEL_TXN, b"second")
+        assert await cluster.inboxes["b"].wait_for(1) == [("a", CHANNEL_TXN, b"second")]
+        outer.cancel_scope.cancel()
+
+
+# -- hostile input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("frames", "warning"), [
+    ([CHANNEL_TXN], "malformed frame set (2 frames)"),
+    ([CHANNEL_TXN, b"x", b"y"], "malformed frame set (4 frames)"),
+    ([b"zz", b"payload"], "unknown channel"),
+])
+async def test_malformed_frame_sets_are_dropped_with_a_warning(
+        nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, frames: list[bytes],
+        warning: str) -> None:
+    cluster = Cluster(nursery)
+    _ = await cluster.start("b")
+    with raw_dealer(cluster.addresses["b"], b"raw") as dealer:
+        dealer.send_multipart(frames)
+        dealer.send_multipart([CHANNEL_TXN, b"after"])  # same pipe: arrives after the bad one
+        assert await cluster.inboxes["b"].wait_for(1) == [("raw", CHANNEL_TXN, b"after")]
+    await wait_for_warning(caplog, warning)
+
+
+async def test_an_undecodable_identity_is_dropped_and_the_transport_goes_on(
+        nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    cluster = Cluster(nursery)
+    a, _ = await cluster.start("a"), await cluster.start("b")
+    with raw_dealer(cluster.addresses["b"], b"\xff\xfe-not-utf8") as dealer:
+        dealer.send_multipart([CHANNEL_TXN, b"from nowhere"])
+        await wait_for_warning(caplog, "undecodable identity")
+    a.send("b", CHANNEL_TXN, b"still works")
+    assert await cluster.inboxes["b"].wait_for(1) == [("a", CHANNEL_TXN, b"still works")]
+
+
+# -- control requests ---------------------------------------------------------------------
+
+async def test_control_request_gets_the_handlers_reply(nursery: trio.Nursery) -> None:
+    cluster = Cluster(nursery)
+    b = await cluster.start("b")
+    asked: list[bytes] = []
+
+    def answer(payload: bytes) -> bytes:
+        asked.append(payload)
+        return b"reply to " + payload
+
+    b.on_control(answer)
+    assert await request(cluster.addresses["b"], b"status?", WAIT_S) == b"reply to status?"
+    assert await request(cluster.addresses["b"], b"again", WAIT_S) == b"reply to again"
+    assert asked == [b"status?", b"again"]
+    assert cluster.inboxes["b"].received == []  # control never reaches the other channels
+
+
+async def test_request_with_nobody_listening_times_out() -> None:
+    timeout_s = 0.3
+    start_s = trio.current_time()
+    with pytest.raises(TransportError, match=r"no answer from .* within 0\.3 s"):
+        await request(free_address(), b"anyone?", timeout_s)
+    assert trio.current_time() - start_s < timeout_s + 2.0
+
+
+async def test_request_to_a_node_without_control_handler_times_out(
+        nursery: trio.Nursery) -> None:
+    cluster = Cluster(nursery)
+    await cluster.start("b")
+    with pytest.raises(TransportError, match="no answer"):
+        await request(cluster.addresses["b"], b"status?", 0.3)
+
+
+async def test_request_rejects_a_bad_address() -> None:
+    with pytest.raises(TransportError, match="is not HOST:PORT"):
+        await request("no-port", b"x", 0.3)
+
+
+# -- binding and closing --------------------------------------------------------------------
+
+async def test_binding_an_address_in_use_raises_a_one_line_error(
+        nursery: trio.Nursery) -> None:
+    cluster = Cluster(nursery)
+    await cluster.start("a")
+    second = Transport("b", cluster.addresses["a"], cluster.addresses.get)
+    with pytest.raises(TransportError) as info:
+        await nursery.start(second.run)
+    message = str(info.value)
+    assert message.startswith(f"cannot listen on {cluster.addresses['a']}: ")
+    assert "\n" not in message
+
+
+def _resource_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+async def test_a_bad_listen_address_raises_transport_error() -> None:
+    node = Transport("a", "no-port-here", lambda name: None)
+    with warnings.catch_warnings(record=True):  # a leak would be caught by the next test
+        warnings.simplefilter("always")
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(TransportError, match="is not HOST:PORT"):
+                await nursery.start(node.run)
+        gc.collect()
+
+
+async def test_a_bad_listen_address_leaves_no_socket_open() -> None:
+    node = Transport("a", "no-port-here", lambda name: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(TransportError):
+                await nursery.start(node.run)
+        gc.collect()
+    assert _resource_warnings(caught) == []
+
+
+async def test_a_failed_bind_leaves_no_socket_open(nursery: trio.Nursery) -> None:
+    cluster = Cluster(nursery)
+    await cluster.start("a")
+    second = Transport("b", cluster.addresses["a"], cluster.addresses.get)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TransportError):
+            await nursery.start(second.run)
+        gc.collect()
+    assert _resource_warnings(caught) == []
+
+
+async def serve_one_round(address: str, round_: int) -> Transport:
+    """Start "b" on `address`, get one message to it, then cancel everything."""
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery)
+        b = await cluster.start("b", address)
+        a = await cluster.start("a")
+        a.send("b", CHANNEL_TXN, b"round %d" % round_)
+        assert await cluster.inboxes["b"].wait_for(1) == [
+            ("a", CHANNEL_TXN, b"round %d" % round_)]
+        nursery.cancel_scope.cancel()
+    return b
+
+
+async def test_the_router_is_closed_when_run_is_cancelled() -> None:
+    """zmq closes a socket's listener in its I/O thread, so the port is free again soon
+    after, with its own context ended by `run`, at once (next test); a ROUTER left open would
+    keep it forever."""
+    address = free_address()
+    for round_ in range(3):  # each round binds the port the previous one released
+        with trio.fail_after(WAIT_S):
+            while True:
+                try:
+                    b = await serve_one_round(address, round_)
+                    break
+                except* TransportError:
+                    await trio.sleep(0.02)
+        assert b._closed
+
+
+async def test_the_port_is_free_as_soon_as_run_returns() -> None:
+    address = free_address()
+    for round_ in range(100):  # stops at the first failure, near certain while the race exists
+        await serve_one_round(address, round_)
