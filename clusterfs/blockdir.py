@@ -8,13 +8,21 @@ Layout:
 Backing files are named by inode number only, so no user-chosen name ever reaches a path in
 here and nothing can escape the block directory. The fan-out directories are made when the
 directory is formatted, which keeps directory creation off the create path.
+
+Open files across the cluster: every node holds a shared OFD lock (open file description
+lock, Linux >= 3.15) on each backing file it has open. An unlinked inode may be purged only
+when no such lock is left anywhere (`is_held_elsewhere`). OFD locks belong to the open file
+description, not the process, so closing another fd of the same file keeps them, and the
+kernel drops them on the last close or when the process dies (kill -9 included).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +33,12 @@ FORMAT_NAME = "clusterfs-blockdir"
 FORMAT_VERSION = 1
 FANOUT = 256
 BACKING_MODE = 0o600
+
+F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+# struct flock (x86_64, aarch64): short l_type, l_whence; off_t l_start, l_len; pid_t l_pid
+_FLOCK = struct.Struct("@hhqqi4x")
+assert _FLOCK.size == 32, "struct flock layout of this platform is not known"
 
 
 class BlockDirError(Exception):
@@ -60,6 +74,10 @@ class BlockDir:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # nothing there
             os.unlink(self.path(ino))
 
+    def is_held_elsewhere(self, ino: int) -> bool:
+        """True if some node (this one included) still has `ino`'s backing file open."""
+        return is_locked(self.path(ino))
+
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.root)
 
@@ -79,6 +97,33 @@ class BlockDir:
                 continue
             for name in os.listdir(fan_path):
                 yield _backing_ino(fan, name), f"{fan_path}/{name}"
+
+
+def _flock(lock_type: int) -> bytes:
+    """A lock on the whole file; l_pid must be 0 for OFD locks."""
+    return _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0)
+
+
+def hold_shared(fd: int) -> None:
+    """Mark `fd`'s backing file as open on this node until `fd` is closed. Shared locks
+    never conflict with each other, so this does not block or fail on a busy file."""
+    fcntl.fcntl(fd, F_OFD_SETLK, _flock(fcntl.F_RDLCK))
+
+
+def is_locked(path: str) -> bool:
+    """True if any open file description (of any process, on any node) holds a lock on the
+    file at `path`; False if nothing does or the file is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        # GETLK asks "would an exclusive lock conflict?" without taking one; a fresh open
+        # file description holds no lock of its own, so any holder is another one.
+        answer = fcntl.fcntl(fd, F_OFD_GETLK, _flock(fcntl.F_WRLCK))
+    finally:
+        os.close(fd)
+    return int(_FLOCK.unpack(answer)[0]) != fcntl.F_UNLCK
 
 
 def _backing_ino(fan: str, name: str) -> int | None:

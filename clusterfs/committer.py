@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 
 LAZY_DELAY_S = 0.2  # how long a lazy record waits for company before it commits alone
 IDLE_SYNC_DELAY_S = 0.02  # idle time after which the last batch's meta page is flushed
-LOG_KEEP_RECORDS = 100_000
 APPLIED_SEQ = b"applied_seq"
 
-AppliedHook = Callable[[records.Record, Applied], None]
+# Called on every node for every record applied there, in sequence order, before the waiting
+# call (if any) resumes; the bool says whether this node captured the record (`local`).
+AppliedHook = Callable[[records.Record, Applied, bool], None]
 
 
 class Committer(Protocol):
@@ -60,7 +61,6 @@ def commit_batch(store: Store, batch: Sequence[records.Record]) -> list[Applied 
                 with store.savepoint(view) as child:
                     outcome: Applied | NamespaceError = apply(child, record)
                     seq += 1
-                    child.append_log(seq, records.encode(record), LOG_KEEP_RECORDS)
             except NamespaceError as exc:
                 outcome = exc
             outcomes.append(outcome)
@@ -161,7 +161,7 @@ class LocalCommitter:
         """Side effects on this node, then wake every waiting submitter."""
         for record, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Applied):
-                self._on_applied(record, outcome)
+                self._on_applied(record, outcome, True)  # every record is captured here
         for pending, outcome in zip(waiting, outcomes, strict=False):
             if isinstance(outcome, Applied):
                 pending.result = outcome

@@ -7,7 +7,13 @@ backing file in the common block directory directly.
 
 Node-local state lives here too: kernel lookup counts and open handles. An inode whose last
 name was removed stays (as an orphan in the replica, with its backing file) until the kernel
-has forgotten it and the last handle is closed; then a lazy `Purge` record deletes it.
+here has forgotten it and the last handle in the cluster is closed; then a lazy `Purge` record
+deletes it. Every open backing fd holds a shared OFD lock, so any node can tell whether
+another node still has the file open (see `blockdir`).
+
+Records are applied on every node, whichever node captured them (`on_applied`). Only the
+capturing node opens a new backing file or removes a purged one; every node drops what its
+kernel caches about the entries and inodes that another node's record changed.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
+from clusterfs import fsck
 from clusterfs import records as r
 from clusterfs.attributes import Attributes, Caller, from_inode, may_access
-from clusterfs.blockdir import BlockDir
+from clusterfs.blockdir import BlockDir, hold_shared
 from clusterfs.committer import Committer
 from clusterfs.namespace import NAME_MAX_BYTES, ROOT_INO, Applied, NamespaceError
 from clusterfs.spares import Spares
@@ -78,6 +86,30 @@ class StatFs:
     name_max: int
 
 
+class Invalidator(Protocol):
+    """Drops what the kernel caches (see `fuse_ops.KernelInvalidator`); `entry` and `inode`
+    never block or raise, since they run on the event loop while requests are in flight."""
+
+    def entry(self, parent: int, name: bytes) -> None: ...
+
+    def inode(self, ino: int) -> None: ...
+
+    async def drained(self) -> None: ...
+
+
+class NoInvalidator:
+    """Not mounted: no kernel holds anything to invalidate."""
+
+    def entry(self, parent: int, name: bytes) -> None:
+        pass
+
+    def inode(self, ino: int) -> None:
+        pass
+
+    async def drained(self) -> None:
+        pass
+
+
 def _errno(code: int) -> NamespaceError:
     return NamespaceError(code)
 
@@ -103,6 +135,16 @@ def supplementary_groups(pid: int) -> frozenset[int]:
     return frozenset()
 
 
+def _held(fd: int) -> int:
+    """`fd`, marked as open for the whole cluster; closed again if that fails."""
+    try:
+        hold_shared(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _drops_setgid(inode: Inode, flags: int, caller: Caller) -> bool:
     """ext4 (Linux >= 6.2) clears S_ISGID without group execute when a process outside the
     file's group writes; FUSE's kernel side only handles S_ISUID and S_ISGID|S_IXGRP, so the
@@ -120,6 +162,7 @@ class FileSystem:
         self._store = store
         self._blockdir = blockdir
         self.committer: Committer | None = committer
+        self.invalidator: Invalidator = NoInvalidator()  # the mount sets a real one
         self._lookups: Counter[int] = Counter()
         self._open_count: Counter[int] = Counter()
         self._handles: dict[int, OpenFile] = {}
@@ -129,6 +172,7 @@ class FileSystem:
         self._seen_data: dict[int, tuple[int, int]] = {}  # ino -> (mtime_ns, size) at last close
         self._doomed: list[int] = []  # purged inodes whose backing files are still there
         self._doomed_added = trio.Event()
+        self._changes_in_flight = 0  # this node's calls waiting for their commit
 
     # -- reads ------------------------------------------------------------------------------
     def _inode(self, ino: int) -> Inode:
@@ -239,7 +283,11 @@ class FileSystem:
     # -- namespace changes ------------------------------------------------------------------
     async def _commit(self, record: r.Record) -> Applied:
         assert self.committer is not None, "file system has no committer"
-        return await self.committer.submit(record)
+        self._changes_in_flight += 1
+        try:
+            return await self.committer.submit(record)
+        finally:
+            self._changes_in_flight -= 1
 
     def _new_owner(self, parent: int, mode: int, caller: Caller, is_dir: bool) -> tuple[int, int]:
         """Mode and group of a new inode: setgid directories pass on their group (as ext4)."""
@@ -283,11 +331,14 @@ class FileSystem:
         if fd is not None:
             return fd
         try:
-            return self.spares.take(ino, time.time_ns())
+            return self._take_backing(ino, time.time_ns())
         except OSError as exc:
             log.warning("cannot create the backing file of inode %d: %s", ino, exc)
             await self._commit(r.Unlink(parent, name, time.time_ns()))
             raise
+
+    def _take_backing(self, ino: int, now_ns: int) -> int:
+        return _held(self.spares.take(ino, now_ns))
 
     async def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attributes:
         mode, gid = self._new_owner(parent, stat.S_IMODE(mode), caller, is_dir=True)
@@ -362,7 +413,7 @@ class FileSystem:
         inode = self._inode(ino)
         if not stat.S_ISREG(inode.mode):
             raise _errno(errno.EISDIR if stat.S_ISDIR(inode.mode) else errno.ENXIO)
-        fd = self._blockdir.open(ino, os.O_RDWR | (flags & _BACKING_OPEN_FLAGS))
+        fd = _held(self._blockdir.open(ino, os.O_RDWR | (flags & _BACKING_OPEN_FLAGS)))
         if flags & os.O_TRUNC:  # the kernel passes O_TRUNC through (atomic_o_trunc)
             os.ftruncate(fd, 0)
         st = os.fstat(fd)
@@ -425,36 +476,97 @@ class FileSystem:
 
     # -- housekeeping -----------------------------------------------------------------------
     def _maybe_purge(self, ino: int) -> None:
-        """Delete an unlinked inode once the kernel and the handles have let go of it."""
-        if self._lookups.get(ino) or self._open_count.get(ino) or ino == ROOT_INO:
-            return
+        """Delete an unlinked inode once nothing needs it (lazily: nobody waits for it)."""
+        if self._purgeable(ino):
+            assert self.committer is not None
+            self.committer.submit_lazy(r.Purge(ino))
+
+    def _purgeable(self, ino: int) -> bool:
+        """True for an unlinked inode that the kernel here has forgotten, with no handle open
+        here and its backing file open on no node (that node calls `_maybe_purge` again
+        when it closes its last handle)."""
+        if self._lookups.get(ino) or self._open_count.get(ino) or ino in self._fresh_fds \
+                or ino == ROOT_INO:
+            return False
         self._seen_data.pop(ino, None)
         with self._store.read() as view:
             inode = view.get_inode(ino)
-        if inode is not None and inode.nlink == 0 and self.committer is not None:
-            self.committer.submit_lazy(r.Purge(ino))
+        if inode is None or inode.nlink != 0 or self.committer is None:
+            return False
+        return not (stat.S_ISREG(inode.mode) and self._open_elsewhere(ino))
 
-    def on_applied(self, record: r.Record, applied: Applied) -> None:
-        """Side effects of a committed record on this node (runs right after the commit,
-        before any waiting call resumes)."""
+    def _open_elsewhere(self, ino: int) -> bool:
         try:
-            doomed = [inode.ino for inode in applied.purged if stat.S_ISREG(inode.mode)]
-            if isinstance(record, r.MakeNode) and stat.S_ISREG(record.mode):
-                self._fresh_fds[applied.ino] = self.spares.take(applied.ino, record.now_ns)
-            elif isinstance(record, r.MakeNode | r.MakeDir | r.MakeSymlink) and \
-                    self.spares.discard(applied.ino):
-                doomed.append(applied.ino)
-            if doomed:
-                self._doomed.extend(doomed)
-                self._doomed_added.set()
-            for ino in applied.orphaned:
-                self._maybe_purge(ino)
+            return self._blockdir.is_held_elsewhere(ino)
+        except OSError as exc:  # keep the inode: `settle` tries again at the next start
+            log.warning("cannot tell whether inode %d is open elsewhere: %s", ino, exc)
+            return True
+
+    def on_applied(self, record: r.Record, applied: Applied, local: bool) -> None:
+        """Side effects of a committed record on this node (runs right after the apply, in
+        sequence order, before any waiting call resumes); `local`: this node captured it."""
+        try:
+            self._apply_to_blockdir(record, applied, local)
         except OSError as exc:  # the waiting call sees it too (see `_new_backing`)
             log.warning("block directory: %s", exc)
+        for inode in applied.purged:
+            self._seen_data.pop(inode.ino, None)
+        if not local:
+            self._drop_kernel_caches(applied)
+        for ino in applied.orphaned:
+            self._maybe_purge(ino)
+
+    def _apply_to_blockdir(self, record: r.Record, applied: Applied, local: bool) -> None:
+        if isinstance(record, r.MakeNode | r.MakeDir | r.MakeSymlink):
+            self._settle_spare(record, applied.ino, local)
+        if local:  # the purging node removes the files; the others would only race it
+            self._doom([inode.ino for inode in applied.purged if stat.S_ISREG(inode.mode)])
+
+    def _settle_spare(self, record: r.MakeNode | r.MakeDir | r.MakeSymlink, ino: int,
+                      local: bool) -> None:
+        """The spare made ahead for a new inode's number becomes its backing file (opened by
+        the capturing node only: its call is waiting for the fd) or goes. Every node removes
+        it, whether or not it counts it as its spare: one made before a crash is counted by
+        no node, and a file at the number of an inode without data is never right."""
+        if isinstance(record, r.MakeNode) and stat.S_ISREG(record.mode):
+            if local:
+                self._fresh_fds[ino] = self._take_backing(ino, record.now_ns)
+            else:
+                self.spares.claimed(ino)
+        else:
+            self.spares.discard(ino)
+            self._doom([ino])
+
+    def _doom(self, inos: list[int]) -> None:
+        if inos:
+            self._doomed.extend(inos)
+            self._doomed_added.set()
+
+    async def caches_dropped(self) -> None:
+        """Wait (briefly) until the kernel here has dropped what the records applied so far
+        changed; a member awaits this before it acknowledges a batch, so that another
+        node's call returns only once its change is visible here too (DESIGN.md rule 6).
+        Not while a call of this node waits for a commit: the kernel may hold a directory
+        lock for it that the invalidation needs, and the commit needs this acknowledgement
+        (the entries are dropped right after it, instead of right before)."""
+        if not self._changes_in_flight:
+            await self.invalidator.drained()
+
+    def _drop_kernel_caches(self, applied: Applied) -> None:
+        """Another node changed these (DESIGN.md rule 6): the kernel must ask again, and the
+        next open must drop cached pages (close-to-open)."""
+        for parent, name in dict.fromkeys(applied.changed_entries):
+            self.invalidator.entry(parent, name)
+        for ino in dict.fromkeys(applied.changed_inodes):
+            self._seen_data.pop(ino, None)
+            self.invalidator.inode(ino)
 
     async def remove_purged(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                             ) -> None:
-        """Remove the backing files of purged inodes, off the path of the replies."""
+        """Block directory housekeeping while this node serves: `settle` before the node
+        reports ready, then remove the backing files of purged inodes, off the path of the
+        replies."""
+        await self.settle()
         task_status.started()
         try:
             while True:
@@ -463,6 +575,33 @@ class FileSystem:
                 self.remove_purged_now()
         finally:
             self.remove_purged_now()
+
+    async def settle(self) -> None:
+        """Once the committer serves (the replica has caught up with the cluster): repair
+        what a crash, here or on another node, left between a commit and the block
+        directory, and purge the orphans no node holds open. Not before: a lagging replica
+        would take files made or purged since for damage, and only the committer may change
+        the replica."""
+        try:
+            report = await trio.to_thread.run_sync(fsck.check_live, self._store, self._blockdir)
+            for line in report.lines():
+                log.warning("settle: %s", line)
+            for ino in report.missing_backing:
+                self._blockdir.create_empty(ino)
+        except OSError as exc:
+            log.warning("cannot settle the block directory: %s", exc)
+            return
+        self._doom(report.orphan_backing)
+        for ino in report.unpurged_inodes:
+            await self._purge_now(ino)
+
+    async def _purge_now(self, ino: int) -> None:
+        if not self._purgeable(ino):
+            return
+        try:
+            await self._commit(r.Purge(ino))
+        except NamespaceError as exc:  # the committer failed; the next start tries again
+            log.warning("cannot purge inode %d: %s", ino, exc)
 
     def remove_purged_now(self) -> None:
         doomed, self._doomed = self._doomed, []

@@ -10,6 +10,7 @@ mean a bug in the apply function and are only reported.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 from collections import Counter
@@ -19,6 +20,8 @@ from clusterfs import records
 from clusterfs.blockdir import BlockDir
 from clusterfs.committer import commit_batch
 from clusterfs.store import Inode, Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +53,17 @@ def check(store: Store, blockdir: BlockDir) -> Report:
     report = Report()
     inodes, next_ino = check_namespace(store, report)
     _check_backing(blockdir, inodes, next_ino, report)
+    return report
+
+
+def check_live(store: Store, blockdir: BlockDir) -> Report:
+    """`check` while other nodes use the block directory: a file at or above the inode
+    counter may be another node's new file (not applied here yet) or spare, so only files
+    below it count as orphans. The replica must have caught up with the cluster."""
+    report = Report()
+    inodes, next_ino = check_namespace(store, report)
+    _check_backing(blockdir, inodes, next_ino, report)
+    report.orphan_backing = [ino for ino in report.orphan_backing if ino < next_ino]
     return report
 
 
@@ -103,11 +117,22 @@ def repair(store: Store, blockdir: BlockDir, report: Report) -> None:
 
 
 def purge(store: Store, blockdir: BlockDir, inos: list[int]) -> None:
-    outcomes = commit_batch(store, [records.Purge(ino) for ino in inos])
+    """Purge unlinked inodes, except those whose backing file another node still has open:
+    that node purges them when it closes them (see `filesystem`)."""
+    free = [ino for ino in inos if not _open_elsewhere(blockdir, ino)]
+    outcomes = commit_batch(store, [records.Purge(ino) for ino in free])
     for outcome in outcomes:
         for inode in getattr(outcome, "purged", []):
             if stat.S_ISREG(inode.mode):
                 blockdir.remove(inode.ino)
+
+
+def _open_elsewhere(blockdir: BlockDir, ino: int) -> bool:
+    try:
+        return blockdir.is_held_elsewhere(ino)
+    except OSError as exc:  # keep it: purging a file in use would lose its data
+        log.warning("cannot tell whether inode %d is open elsewhere: %s", ino, exc)
+        return True
 
 
 def _remove_stray(path: str) -> None:

@@ -5,27 +5,34 @@ pyfuse3 handler would kill the daemon.
 
 Kernel caching: entries and attributes are cached for ENTRY_TIMEOUT_S / ATTR_TIMEOUT_S, not
 pyfuse3's 300 s default, because other nodes change the namespace and the data; cached pages
-are kept across opens only while a file's data is unchanged (close-to-open).
+are kept across opens only while a file's data is unchanged (close-to-open). Records from
+other nodes also invalidate what they changed at once (`KernelInvalidator`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+import queue
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from clusterfs.attributes import Attributes, Caller
-from clusterfs.filesystem import AttrChanges, FileSystem
+from clusterfs.filesystem import AttrChanges, FileSystem, NoInvalidator
 from clusterfs.namespace import NamespaceError
 
 log = logging.getLogger(__name__)
 
 ENTRY_TIMEOUT_S = 1.0
 ATTR_TIMEOUT_S = 1.0
+INVALIDATOR_STOP_TIMEOUT_S = 2.0
+DRAIN_TIMEOUT_S = 0.1  # longest wait for the kernel to drop entries before a commit's ack
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -151,6 +158,11 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         fh, keep_cache = self.fs.open(inode, flags, caller(ctx))
+        if not keep_cache:
+            # Data changed since this node last saw it (maybe on another node, which sends
+            # no record for data), so the kernel's size and mtime may be stale too: drop
+            # them before the first read (close-to-open, like NFS's GETATTR on open).
+            _invalidate(inode, None)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @boundary
@@ -237,3 +249,90 @@ def mount_options(extra: Sequence[str], fsname: str) -> set[str]:
     return options
 
 
+@contextlib.contextmanager
+def invalidating(fs: FileSystem) -> Iterator[KernelInvalidator]:
+    """Invalidate `fs`'s kernel caches while mounted: wrap `pyfuse3.main()` in this, inside
+    `pyfuse3.init()` ... `pyfuse3.close()`."""
+    invalidator = KernelInvalidator()
+    invalidator.start(fs)
+    try:
+        yield invalidator
+    finally:
+        invalidator.stop(fs)
+
+
+class KernelInvalidator:
+    """Drops what the kernel caches about the entries and inodes another node's record changed.
+
+    An inode's attributes are dropped at once, inline: the kernel takes no lock for that
+    which a request in flight could hold (only dropping cached pages would, and records never
+    change file data: that is close-to-open, see `open`). A directory entry is different:
+    the kernel locks the directory first, and a request in flight on it (a create here,
+    waiting for its own commit) holds that lock until this process answers it, so from the
+    event loop it could deadlock. Entries therefore go to one long-lived thread through a
+    queue whose `put` never blocks, in the order the records were applied; `drained` lets
+    the caller wait, briefly, until the kernel has dropped everything queued so far.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="clusterfs-invalidate",
+                                        daemon=True)
+        self._stopping = False
+
+    def entry(self, parent: int, name: bytes) -> None:
+        self._queue.put(functools.partial(_invalidate, parent, name))
+
+    def inode(self, ino: int) -> None:
+        _invalidate(ino, None)
+
+    async def drained(self) -> None:
+        """Wait until the entries queued so far are dropped, at most DRAIN_TIMEOUT_S (a
+        directory locked by a request that waits for a commit would block it longer)."""
+        if self._stopping or self._thread.ident is None:
+            return
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        self._queue.put(functools.partial(_wake, token, done))
+        with trio.move_on_after(DRAIN_TIMEOUT_S):
+            await done.wait()
+
+    def start(self, fs: FileSystem) -> None:
+        """Serve `fs` from now on; call after `pyfuse3.init()`."""
+        self._thread.start()
+        fs.invalidator = self
+
+    def stop(self, fs: FileSystem) -> None:
+        """Skip what is still queued and wait (briefly) for the call in progress; call
+        after `pyfuse3.main()` returns and before `pyfuse3.close()` frees the session."""
+        fs.invalidator = NoInvalidator()
+        self._stopping = True
+        self._queue.put(None)
+        if self._thread.ident is None:
+            return  # never started
+        self._thread.join(INVALIDATOR_STOP_TIMEOUT_S)
+        if self._thread.is_alive():
+            log.debug("kernel invalidation still blocked at unmount")
+
+    def _work(self) -> None:
+        while (work := self._queue.get()) is not None:
+            if not self._stopping:
+                work()
+
+
+def _wake(token: trio.lowlevel.TrioToken, done: trio.Event) -> None:
+    with contextlib.suppress(trio.RunFinishedError):
+        token.run_sync_soon(done.set)
+
+
+def _invalidate(ino: int, name: bytes | None) -> None:
+    """Drop `ino`'s attributes, or with `name` the entry `name` in directory `ino`."""
+    try:
+        if name is None:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        else:
+            pyfuse3.invalidate_entry(ino, name)
+    except OSError as exc:  # ENOENT: not cached; ENOTCONN, EINVAL: unmounting or unmounted
+        log.debug("invalidate %d %r: %s", ino, name, exc)
+    except Exception:  # a bug; the thread must go on serving the next records
+        log.exception("invalidate %d %r failed", ino, name)

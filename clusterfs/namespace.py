@@ -234,7 +234,7 @@ def _purge(view: View, rec: r.Purge) -> Applied:
     if inode is None or inode.nlink != 0:
         return Applied(ino=rec.ino)  # already gone, or linked again: nothing to do
     view.delete_inode(rec.ino)
-    return Applied(ino=rec.ino, purged=[inode])
+    return Applied(ino=rec.ino, purged=[inode], changed_inodes=[rec.ino])
 
 
 # -- metadata -------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ order, so the node makes empty backing files for the next few numbers in a worke
 in batches, while it is otherwise idle; a create then only opens its file. A spare whose
 number went to a directory or symlink is removed again; `fsck` counts files at or above the
 replica's next inode number as spares, not orphans.
+
+Every node keeps spares for the same numbers in the one block directory (making one that
+exists already is harmless). When a number goes to a regular file, the capturing node takes
+the spare as the new backing file and the others only stop counting it; when it goes to any
+other inode, every node removes the file at that number (a second removal finds nothing).
 """
 
 from __future__ import annotations
@@ -45,8 +50,13 @@ class Spares:
         self._maybe_refill()
         return fd
 
+    def claimed(self, ino: int) -> None:
+        """Another node took the spare `ino` as a new regular file's backing file."""
+        self._inos.discard(ino)
+        self._maybe_refill()
+
     def discard(self, ino: int) -> bool:
-        """`ino` went to an inode without a backing file; True if a spare must be removed."""
+        """`ino` went to an inode without a backing file; True if it was a spare here."""
         if ino not in self._inos:
             return False
         self._inos.discard(ino)

@@ -141,33 +141,34 @@ async def test_open_keeps_cache_only_for_unchanged_data(rig: Rig) -> None:
     rig.fs.release(fh)
 
 
-def test_recovery_repairs_the_block_directory(tmp_path: Path) -> None:
-    blockdir = format_blockdir(tmp_path / "blocks")
-    store = open_replica(tmp_path / "state", blockdir)
-    outcomes = commit_batch(store, [
+async def test_settle_repairs_the_block_directory(rig: Rig) -> None:
+    """What a crash leaves between commits and the block directory, repaired once the node
+    serves: a backing file not made, one not removed, an orphan not purged."""
+    outcomes = commit_batch(rig.store, [
         r.MakeNode(ROOT_INO, b"kept", stat.S_IFREG | 0o644, 0, 0, 0, 1),
         r.MakeNode(ROOT_INO, b"lost", stat.S_IFREG | 0o644, 0, 0, 0, 2),
         r.Unlink(ROOT_INO, b"lost", 3),
         r.MakeNode(ROOT_INO, b"gone", stat.S_IFREG | 0o644, 0, 0, 0, 4),
         r.Unlink(ROOT_INO, b"gone", 5),
+        r.MakeDir(ROOT_INO, b"dir", 0o755, 0, 0, 6),
     ])
-    kept = outcomes[0].ino  # type: ignore[union-attr]
-    lost = outcomes[1].ino  # type: ignore[union-attr]
-    gone = outcomes[3].ino  # type: ignore[union-attr]
-    commit_batch(store, [r.Purge(gone)])
-    blockdir.create_empty(lost)
-    blockdir.create_empty(gone)  # a backing file whose inode was purged before a crash
-    blockdir.create_empty(gone + 1)  # a spare for the next inode: not an orphan
-    with store.write() as view:
-        view.put_meta(b"clean", b"0")
-    report = fsck.check(store, blockdir)
+    kept, lost, gone, directory = (outcomes[i].ino for i in (0, 1, 3, 5))  # type: ignore[union-attr]
+    commit_batch(rig.store, [r.Purge(gone)])
+    rig.blockdir.create_empty(lost)
+    rig.blockdir.create_empty(gone)  # a backing file whose inode was purged before a crash
+    rig.blockdir.create_empty(directory)  # a spare nobody removed
+    rig.blockdir.create_empty(directory + 1)  # a spare for the next inode: not an orphan
+    report = fsck.check(rig.store, rig.blockdir)
     assert report.missing_backing == [kept]
-    assert report.orphan_backing == [gone]
+    assert report.orphan_backing == [gone, directory]
     assert report.unpurged_inodes == [lost]
-    recover(store, blockdir)
-    assert fsck.check(store, blockdir).clean
-    assert {ino for ino, _ in blockdir.iter_backing()} == {kept, gone + 1}
-    store.close()
+    recover(rig.store, rig.blockdir)  # before serving: nothing yet
+    assert fsck.check(rig.store, rig.blockdir) == report
+    await rig.fs.settle()
+    rig.fs.committer.commit_queued()  # type: ignore[union-attr]
+    rig.fs.remove_purged_now()
+    assert fsck.check(rig.store, rig.blockdir).clean
+    assert rig.backing_files() == {kept, directory + 1}
 
 
 async def test_create_without_backing_file_leaves_no_entry(rig: Rig) -> None:
