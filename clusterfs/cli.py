@@ -12,18 +12,23 @@ import fcntl
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from clusterfs import fsck
+import trio
+
+from clusterfs import fsck, status
 from clusterfs.blockdir import BlockDirError, format_blockdir, open_blockdir
 from clusterfs.node import NodeConfig, NodeError, open_replica, run
+from clusterfs.status import StatusError
 
 log = logging.getLogger("clusterfs")
 
 LOCK_FILE = "lock"
 PID_FILE = "clusterfs.pid"
 LOG_FILE = "clusterfs.log"
+LEAVE_TIMEOUT_S = 30.0
 
 
 class UsageError(Exception):
@@ -79,12 +84,14 @@ def check_mount_args(args: argparse.Namespace) -> None:
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse is missing (load the fuse module: modprobe fuse)")
     parse_address(args.listen)
+    if args.join:
+        parse_address(args.join)
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:
     options = [o for opt in args.o for o in opt.split(",")]
     return NodeConfig(Path(args.blockdir).resolve(), Path(args.mountpoint).resolve(), args.node,
-                      Path(args.state).resolve(), args.listen, options)
+                      Path(args.state).resolve(), args.listen, args.join, options)
 
 
 def _run_node(args: argparse.Namespace, ready: Callable[[], None]) -> None:
@@ -174,6 +181,44 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         os.close(lock_fd)
 
 
+# -- status, leave ------------------------------------------------------------------------
+
+def _address(args: argparse.Namespace) -> str:
+    if args.connect:
+        parse_address(args.connect)
+        return str(args.connect)
+    if not args.mountpoint:
+        raise UsageError("give a MOUNTPOINT or --connect HOST:PORT")
+    return status.address_of_mount(Path(args.mountpoint))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    nodes = trio.run(status.cluster_status, _address(args))
+    print(status.render_json(nodes) if args.json else status.render_table(nodes))
+    return 0
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    address = status.address_of_mount(Path(args.mountpoint))
+    reply = trio.run(status.ask, address, status.LeaveRequest())
+    assert isinstance(reply, status.LeaveReply)
+    deadline_s = time.monotonic() + LEAVE_TIMEOUT_S
+    while _alive(reply.pid) and os.path.ismount(args.mountpoint):
+        if time.monotonic() > deadline_s:
+            raise UsageError(f"node (pid {reply.pid}) did not leave within {LEAVE_TIMEOUT_S:g} s")
+        time.sleep(0.1)
+    print(f"left the cluster; {args.mountpoint} unmounted")
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 # -- demo ---------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -206,11 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", required=True, help="this node's name")
     p.add_argument("--state", required=True, help="this node's state directory")
     p.add_argument("--listen", required=True, help="HOST:PORT for the cluster protocol")
-    p.add_argument("--join", help="HOST:PORT of a member to join (cluster issue)")
+    p.add_argument("--join", help="HOST:PORT of a running member: join its cluster")
     p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-o", action="append", default=[], help="extra FUSE mount options")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("status", help="members, epoch, leader, applied sequence, digests")
+    p.add_argument("mountpoint", nargs="?")
+    p.add_argument("--connect", metavar="HOST:PORT", help="ask the node listening there")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("leave", help="leave the cluster gracefully and unmount")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_leave)
 
     p = sub.add_parser("fsck", help="check (and repair) a stopped node against the block dir")
     p.add_argument("blockdir")
@@ -218,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true")
     p.set_defaults(func=cmd_fsck)
 
-    p = sub.add_parser("demo", help="a node on loopback with a short tour (single node for now)")
+    p = sub.add_parser("demo", help="a 3-node cluster on loopback with a short tour")
     p.add_argument("dir", nargs="?")
     p.add_argument("--no-wait", action="store_true", help="stop after the tour")
     p.set_defaults(func=cmd_demo)
@@ -227,12 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "join", None):
-        print("clusterfs: --join: joining a cluster is not available yet", file=sys.stderr)
-        return 2
     try:
         return int(args.func(args))
-    except (UsageError, BlockDirError, NodeError) as exc:
+    except (UsageError, BlockDirError, NodeError, StatusError) as exc:
         print(f"clusterfs: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -1,19 +1,30 @@
-"""`clusterfs demo`: format a block directory, mount a node, take a short tour, wait.
+"""`clusterfs demo`: a 3-node cluster on loopback under one directory, with a short tour.
 
-Until the cluster lands this is a single node; it grows into a 3-node cluster on loopback.
+It formats a block directory, starts node n1 (which founds the cluster) and nodes n2 and n3
+(which join it), each with its own mount point and state directory, then shows a file
+written through n1 read through n3, a create race between two nodes settled with exactly
+one winner, a rename seen everywhere, and `clusterfs status`. Ctrl-C (or SIGTERM) stops
+and unmounts every node. Run again on the same directory, the nodes restart from their
+state directories.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-MOUNT_TIMEOUT_S = 20.0
+MOUNT_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+NODES = ("n1", "n2", "n3")
 
 
 def _clusterfs() -> list[str]:
@@ -24,50 +35,125 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _tour(mnt: Path) -> None:
-    _say(f"\n$ mkdir -p {mnt}/projects/demo && echo hello > {mnt}/projects/demo/hello.txt")
-    (mnt / "projects" / "demo").mkdir(parents=True, exist_ok=True)
-    (mnt / "projects" / "demo" / "hello.txt").write_text("hello from clusterfs\n")
-    _say(f"$ cat {mnt}/projects/demo/hello.txt")
-    _say((mnt / "projects" / "demo" / "hello.txt").read_text().rstrip())
-    os.rename(mnt / "projects" / "demo" / "hello.txt", mnt / "projects" / "hello.txt")
-    _say(f"$ mv .../demo/hello.txt {mnt}/projects/ && ls -l {mnt}/projects")
-    for entry in sorted(os.scandir(mnt / "projects"), key=lambda e: e.name):
-        st = entry.stat(follow_symlinks=False)
-        _say(f"  {oct(st.st_mode)[-6:]}  {st.st_nlink}  {st.st_size:>6}  {entry.name}")
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-def _wait_for_mount(mnt: Path, daemon: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + MOUNT_TIMEOUT_S
-    while not os.path.ismount(mnt):
-        if daemon.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("clusterfs demo: the node did not mount")
-        time.sleep(0.05)
+class DemoCluster:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.blocks = base / "blocks"
+        self.daemons: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports = {name: _free_port() for name in NODES}
+        self.serving: set[str] = set()
+
+    def mnt(self, name: str) -> Path:
+        return self.base / f"mnt-{name}"
+
+    def start(self) -> None:
+        """A new cluster grows one node at a time (each joins through n1); a cluster that
+        ran here before restarts all at once, since a node serves only with a majority."""
+        if not (self.blocks / "clusterfs.format").exists():
+            subprocess.run([*_clusterfs(), "format", str(self.blocks)], check=True)
+        restart = (self.base / f"state-{NODES[0]}" / "replica").exists()
+        for name in NODES:
+            self._start_node(name)
+            if not restart:
+                self._wait_for_mount(name)
+        for name in NODES:
+            self._wait_for_mount(name)
+
+    def _start_node(self, name: str) -> None:
+        state = self.base / f"state-{name}"
+        self.mnt(name).mkdir(parents=True, exist_ok=True)
+        command = [*_clusterfs(), "mount", str(self.blocks), str(self.mnt(name)), "--node", name,
+                   "--state", str(state), "--listen", f"127.0.0.1:{self.ports[name]}", "-f"]
+        if name != NODES[0] and not (state / "replica").exists():
+            command += ["--join", f"127.0.0.1:{self.ports[NODES[0]]}"]
+        state.mkdir(parents=True, exist_ok=True)
+        with open(state / "demo-node.log", "ab") as log:
+            self.daemons[name] = subprocess.Popen(command, stdout=log, stderr=log)
+
+    def _wait_for_mount(self, name: str) -> None:
+        deadline = time.monotonic() + MOUNT_TIMEOUT_S
+        while not os.path.ismount(self.mnt(name)):
+            if self.daemons[name].poll() is not None or time.monotonic() > deadline:
+                log = self.base / f"state-{name}" / "demo-node.log"
+                raise SystemExit(f"clusterfs demo: node {name} did not mount (see {log})")
+            time.sleep(0.05)
+        if name not in self.serving:
+            self.serving.add(name)
+            _say(f"node {name} is serving the cluster on {self.mnt(name)}")
+
+    def stop(self) -> None:
+        for daemon in self.daemons.values():
+            if daemon.poll() is None:
+                daemon.send_signal(signal.SIGTERM)
+        for name, daemon in self.daemons.items():
+            try:
+                daemon.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+            if os.path.ismount(self.mnt(name)):
+                subprocess.run(["umount", "-l", str(self.mnt(name))], check=False)
+
+
+def _tour(cluster: DemoCluster) -> None:
+    m1, m2, m3 = (cluster.mnt(name) for name in NODES)
+    _say(f"\n$ echo 'hello from n1' > {m1}/hello.txt      # written through node n1")
+    (m1 / "hello.txt").write_text("hello from n1\n")
+    _say(f"$ cat {m3}/hello.txt                         # read through node n3")
+    _say((m3 / "hello.txt").read_text().rstrip())
+    _race(m1, m2)
+    _say(f"\n$ mv {m2}/hello.txt {m2}/greeting.txt && ls {m1} {m3}")
+    os.rename(m2 / "hello.txt", m2 / "greeting.txt")
+    for mnt in (m1, m3):
+        _say(f"  {mnt}: {' '.join(sorted(os.listdir(mnt)))}")
+    _say(f"\n$ clusterfs status {m1}")
+    subprocess.run([*_clusterfs(), "status", str(m1)], check=False)
+
+
+def _race(m1: Path, m2: Path) -> None:
+    """Two nodes create the same name with O_EXCL at the same moment: one wins."""
+    _say(f"\n# n1 and n2 both create {'race.txt'} with O_CREAT|O_EXCL at the same moment")
+    barrier = threading.Barrier(2)
+    results: dict[str, str] = {}
+
+    def create(name: str, mnt: Path) -> None:
+        barrier.wait()
+        try:
+            os.close(os.open(mnt / "race.txt", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            results[name] = "created it"
+        except OSError as exc:
+            results[name] = f"got {errno.errorcode.get(exc.errno or 0, exc.errno)}"
+
+    threads = [threading.Thread(target=create, args=(name, mnt))
+               for name, mnt in (("n1", m1), ("n2", m2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in ("n1", "n2"):
+        _say(f"  {name}: {results[name]}")
 
 
 def run_demo(base: Path | None, wait: bool) -> int:
     base = Path(tempfile.mkdtemp(prefix="clusterfs-demo-")) if base is None else base
-    blocks, mnt, state = base / "blocks", base / "mnt", base / "state-n1"
-    mnt.mkdir(parents=True, exist_ok=True)
-    if not (blocks / "clusterfs.format").exists():
-        subprocess.run([*_clusterfs(), "format", str(blocks)], check=True)
-    daemon = subprocess.Popen([*_clusterfs(), "mount", str(blocks), str(mnt), "--node", "n1",
-                               "--state", str(state), "--listen", "127.0.0.1:7101", "-f"])
+    base.mkdir(parents=True, exist_ok=True)
+    cluster = DemoCluster(base)
     try:
-        _wait_for_mount(mnt, daemon)
-        _say(f"node n1 is serving {blocks} on {mnt}")
-        _tour(mnt)
+        cluster.start()
+        _tour(cluster)
         if wait:
-            _say(f"\nThe file system stays mounted on {mnt}. Press Ctrl-C to stop.")
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            _say(f"\nThe cluster stays up under {base}. Press Ctrl-C to stop.")
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.sigwait({signal.SIGINT, signal.SIGTERM})
     except KeyboardInterrupt:
         pass
     finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-        try:
-            daemon.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        cluster.stop()
     _say("stopped")
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,18 +19,31 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from clusterfs import fsck
-from clusterfs.blockdir import BlockDir, open_blockdir
-from clusterfs.committer import LocalCommitter
+from clusterfs import status
+from clusterfs.blockdir import FORMAT_FILE, BlockDir, open_blockdir
 from clusterfs.filesystem import FileSystem
-from clusterfs.fuse_ops import Operations, mount_options
+from clusterfs.fuse_ops import Operations, invalidating, mount_options
+from clusterfs.membership.driver import MembershipDriver, stored_view
+from clusterfs.membership.witness import Witness
 from clusterfs.namespace import initialise
+from clusterfs.registry import Registry, RegistryError, check_name
+from clusterfs.status import SOURCE_PREFIX
 from clusterfs.store import Store
+from clusterfs.txn.actions import NeedSnapshot, RemoveMember
+from clusterfs.txn.driver import CommitDriver
+from clusterfs.txn.transport import (
+    CHANNEL_MEMBERSHIP,
+    CHANNEL_TXN,
+    Transport,
+    TransportError,
+)
 
 log = logging.getLogger(__name__)
 
 CLEAN = b"clean"
 CLUSTER_ID = b"cluster_id"
+FOUNDER_FILE = "founder"
+JOIN_TIMEOUT_S = 60.0
 
 
 class NodeError(Exception):
@@ -45,6 +57,7 @@ class NodeConfig:
     name: str
     state_dir: Path
     listen: str
+    join: str | None = None
     options: list[str] = field(default_factory=list)
 
 
@@ -60,7 +73,10 @@ def open_replica(state_dir: Path, blockdir: BlockDir) -> Store:
         if cluster_id is None:
             view.put_meta(CLUSTER_ID, blockdir.cluster_id.encode())
             view.put_meta(CLEAN, b"1")
-            initialise(view, os.getuid(), os.getgid(), time.time_ns())
+            # The root is not a record: every node makes the same one, from the format
+            # marker that they all share.
+            marker = os.stat(blockdir.root / FORMAT_FILE)
+            initialise(view, marker.st_uid, marker.st_gid, marker.st_mtime_ns)
         elif cluster_id.decode() != blockdir.cluster_id:
             store.close()
             raise NodeError(f"{state_dir}: state belongs to another cluster")
@@ -68,22 +84,13 @@ def open_replica(state_dir: Path, blockdir: BlockDir) -> Store:
 
 
 def recover(store: Store, blockdir: BlockDir) -> None:
-    """Before serving: purge unlinked inodes (nothing holds them after a restart) and, after
-    an unclean stop, repair the block directory."""
-    with store.read() as view:
-        clean = view.get_meta(CLEAN) == b"1"
-    report = fsck.check(store, blockdir) if not clean else fsck.Report(
-        unpurged_inodes=_orphans(store))
-    if not report.clean:
-        for line in report.lines():
-            log.warning("recovery: %s", line)
-        fsck.repair(store, blockdir, report)
+    """Before serving: mark the replica as in use (a clean stop marks it clean again). The
+    repairs of the block directory and the purge of orphans wait until the replica has caught
+    up with the cluster (`FileSystem.settle`, run by the housekeeping task): a lagging
+    replica would take files made or purged since for damage, a purge committed here alone
+    would put this replica out of step with the others, and an orphan may still be open on
+    another node."""
     _set_clean(store, False)
-
-
-def _orphans(store: Store) -> list[int]:
-    with store.read() as view:
-        return view.orphans()
 
 
 def _set_clean(store: Store, clean: bool) -> None:
@@ -99,31 +106,169 @@ async def _stop_on_signals() -> None:
             return
 
 
+class Node:
+    """One cluster node's services, wired together: transport, commit and membership
+    drivers, the file system layer, and the control requests of the command line."""
+
+    def __init__(self, config: NodeConfig, blockdir: BlockDir, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.registry = Registry(config.blockdir)
+        self.fs = FileSystem(store, blockdir)
+        self.transport = Transport(config.name, config.listen, self.registry.address)
+        self.commit = CommitDriver(config.name, store, self._send_txn, self.fs.on_applied,
+                                   self._commit_report, self.fs.caches_dropped)
+        self.membership = MembershipDriver(
+            config.name, config.listen, store, self._send_membership, self.commit,
+            Witness(self.registry.cluster_dir), self._went_offline)
+        self.fs.committer = self.commit
+        self.transport.on(CHANNEL_TXN, self.commit.on_frame)
+        self.transport.on(CHANNEL_MEMBERSHIP, self.membership.on_frame)
+        self.transport.on_control(self._control)
+        self._mounted = False
+
+    def _send_txn(self, to: str, payload: bytes) -> None:
+        self.transport.send(to, CHANNEL_TXN, payload)
+
+    def _send_membership(self, to: str, payload: bytes) -> None:
+        self.transport.send(to, CHANNEL_MEMBERSHIP, payload)
+
+    def _commit_report(self, report: RemoveMember | NeedSnapshot) -> None:
+        self.membership.on_commit_report(report)
+
+    def _went_offline(self, reason: str) -> None:
+        if reason.startswith("left") and self._mounted:
+            pyfuse3.terminate()  # `clusterfs leave`: unmount once the view is without us
+
+    # -- start-up ---------------------------------------------------------------------------
+    def _start_membership(self) -> None:
+        now_s = trio.current_time()
+        view = stored_view(self.store)
+        if view is not None:
+            self.membership.restart(view, now_s, self._contacts(view.members))
+        elif self.config.join:
+            self.membership.join((self.config.join,), now_s)
+        else:
+            self._claim_founding()
+            self.membership.found(now_s)
+
+    def _contacts(self, members: tuple[str, ...]) -> tuple[str, ...]:
+        """Where to ask for re-admission: --join if given, else the last view's members."""
+        found = [self.registry.address(name) for name in members if name != self.config.name]
+        contacts = [self.config.join] if self.config.join else []
+        return tuple(contacts + [address for address in found if address])
+
+    def _claim_founding(self) -> None:
+        """Only one node founds a cluster on a block directory; the others join it."""
+        self.registry.cluster_dir.mkdir(exist_ok=True)
+        try:
+            fd = os.open(self.registry.cluster_dir / FOUNDER_FILE,
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            founder = (self.registry.cluster_dir / FOUNDER_FILE).read_text().strip()
+            raise NodeError(f"{self.config.blockdir}: a cluster was already founded here "
+                            f"(by {founder}); use --join HOST:PORT of a running node") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(self.config.name + "\n")
+
+    async def _wait_serving(self) -> None:
+        with trio.move_on_after(JOIN_TIMEOUT_S):
+            while not self.commit.serving:
+                if self.commit.offline_reason and not self.membership.rejoining:
+                    raise NodeError(self._offline_message())
+                await self.commit.changed.wait()
+            return
+        where = f"through {self.config.join}" if self.config.join else "with the cluster"
+        raise NodeError(f"could not join {where} within {JOIN_TIMEOUT_S:g} s "
+                        f"(state: {self.membership.state})")
+
+    def _offline_message(self) -> str:
+        view = self.membership.view
+        if view is not None and "majority" in self.commit.offline_reason:
+            return (f"could not reach a majority of the cluster ({', '.join(view.members)}); "
+                    "start the other nodes at about the same time")
+        return f"node is offline: {self.commit.offline_reason}"
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.transport.run)
+            self.registry.register(self.config.name, self.config.listen)
+            await nursery.start(self.commit.run)
+            self._start_membership()
+            await nursery.start(self.membership.run)
+            await self._wait_serving()
+            self.membership.stop_rejoining()
+            await nursery.start(self.fs.remove_purged)
+            await nursery.start(self.fs.spares.run)
+            nursery.start_soon(_stop_on_signals)
+            await self._serve_mount(ready)
+            nursery.cancel_scope.cancel()
+
+    async def _serve_mount(self, ready: Callable[[], None]) -> None:
+        source = f"{SOURCE_PREFIX}{self.config.name}@{self.config.listen}"
+        pyfuse3.init(Operations(self.fs), str(self.config.mountpoint),
+                     mount_options(self.config.options, source))
+        self._mounted = True
+        try:
+            ready()
+            with invalidating(self.fs):
+                await pyfuse3.main()
+        finally:
+            self._mounted = False
+            pyfuse3.close(unmount=True)
+            self.fs.close_all()
+            self.fs.remove_purged_now()
+
+    # -- control requests -------------------------------------------------------------------
+    def _control(self, payload: bytes) -> bytes:
+        request = status.decode_request(payload)
+        if isinstance(request, status.ControlError):
+            return status.encode(request)
+        if isinstance(request, status.LeaveRequest):
+            self.membership.leave()
+            return status.encode(status.LeaveReply(os.getpid()))
+        return status.encode(self.status())
+
+    def status(self) -> status.NodeStatus:
+        view = self.membership.view
+        members = view.members if view is not None else ()
+        addresses = {name: self.registry.address(name) or "" for name in members}
+        addresses[self.config.name] = self.config.listen
+        state = self.membership.state
+        reason = self.membership.offline_reason if state != "online" else ""
+        return status.NodeStatus(
+            name=self.config.name, address=self.config.listen, pid=os.getpid(), state=state,
+            reason=reason, epoch=view.epoch if view is not None else 0,
+            leader=view.leader if view is not None else "", members=members,
+            addresses=addresses, applied_seq=self.commit.applied_seq,
+            digest=self.store.digest(), mountpoint=str(self.config.mountpoint))
+
+
+def _single_node_error(group: BaseExceptionGroup) -> BaseException:
+    """The one-line error inside a nursery's exception group, else the group itself."""
+    errors = group.exceptions
+    if len(errors) == 1 and isinstance(errors[0], BaseExceptionGroup):
+        return _single_node_error(errors[0])
+    if len(errors) == 1 and isinstance(errors[0], NodeError | TransportError):
+        return NodeError(str(errors[0]))
+    return group
+
+
 async def serve(config: NodeConfig, ready: Callable[[], None]) -> None:
     blockdir = open_blockdir(config.blockdir)
+    try:
+        check_name(config.name)
+    except RegistryError as exc:
+        raise NodeError(str(exc)) from None
     store = open_replica(config.state_dir, blockdir)
     try:
         recover(store, blockdir)
-        fs = FileSystem(store, blockdir)
-        committer = LocalCommitter(store, fs.on_applied)
-        fs.committer = committer
-        options = mount_options(config.options, f"clusterfs:{config.blockdir}")
-        pyfuse3.init(Operations(fs), str(config.mountpoint), options)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(committer.run)
-                await nursery.start(fs.remove_purged)
-                await nursery.start(fs.spares.run)
-                nursery.start_soon(_stop_on_signals)
-                ready()
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
-        finally:
-            pyfuse3.close(unmount=True)
-            fs.close_all()
-            committer.commit_queued()
-            fs.remove_purged_now()
-        fsck.purge(store, blockdir, _orphans(store))
+            await Node(config, blockdir, store).run(ready)
+        except BaseExceptionGroup as group:  # the nursery wraps a start-up failure
+            raise _single_node_error(group) from None
+        except TransportError as exc:
+            raise NodeError(str(exc)) from None
         _set_clean(store, True)
     finally:
         store.close()

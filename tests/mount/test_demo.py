@@ -1,4 +1,4 @@
-"""`clusterfs demo --no-wait`: the README's main job, end to end."""
+"""`clusterfs demo --no-wait`: the README's main job, end to end (a 3-node cluster)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,34 @@ import pytest
 
 from tests.util import clusterfs_command, is_mounted
 
+NODES = ("n1", "n2", "n3")
+
+
+def _demo(base: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*clusterfs_command(), "demo", str(base), "--no-wait"],
+                          capture_output=True, text=True, timeout=180, check=False)
+
 
 @pytest.mark.mount
-def test_demo_tours_and_stops(fresh_base: Path) -> None:
-    proc = subprocess.run([*clusterfs_command(), "demo", str(fresh_base), "--no-wait"],
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "hello from clusterfs" in proc.stdout
-    assert "stopped" in proc.stdout
-    assert not is_mounted(fresh_base / "mnt")
+def test_demo_tours_three_nodes_and_stops(fresh_base: Path) -> None:
+    proc = _demo(fresh_base)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    for name in NODES:
+        assert f"node {name} is serving the cluster" in out
+        assert not is_mounted(fresh_base / f"mnt-{name}")
+    assert "hello from n1" in out.split("read through node n3", 1)[1]
+    race = [line for line in out.splitlines() if line.startswith(("  n1: ", "  n2: "))]
+    assert sorted(line.split(": ", 1)[1] for line in race) == ["created it", "got EEXIST"]
+    status = out.split("clusterfs status", 1)[1]
+    assert "members n1, n2, n3" in status
+    assert "equal on every online node" in status
+    assert out.rstrip().endswith("stopped")
+
+
+@pytest.mark.mount
+def test_demo_restarts_from_its_directory(fresh_base: Path) -> None:
+    assert _demo(fresh_base).returncode == 0
+    again = _demo(fresh_base)  # the nodes restart from their state directories
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "members n1, n2, n3" in again.stdout
