@@ -517,3 +517,78 @@ def kill_pids(pids: list[int]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_pid_gone(pid, 10)
+
+
+# -- multi-node helpers (tests/cluster) ------------------------------------------------------
+class Together:
+    """Runs callables at the same moment, round after round, in long-lived threads: each
+    call waits at a barrier with the others, so they reach the file system together."""
+
+    BARRIER_TIMEOUT_S = 30.0
+    RESULT_TIMEOUT_S = 60.0
+
+    def __init__(self, threads: int) -> None:
+        import concurrent.futures
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, "together")
+
+    def run(self, *funcs: Callable[[], Any]) -> list[int]:
+        """Call every FUNC at once; the errno each raised (0 for success)."""
+        import threading
+
+        barrier = threading.Barrier(len(funcs))
+
+        def call(func: Callable[[], Any]) -> int:
+            barrier.wait(self.BARRIER_TIMEOUT_S)
+            return errno_of(func)
+
+        futures = [self._pool.submit(call, func) for func in funcs]
+        return [f.result(timeout=self.RESULT_TIMEOUT_S) for f in futures]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> Together:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def entry_state(path: str | os.PathLike[str], with_data: bool = True) -> tuple[Any, ...]:
+    """What one directory entry looks like through a mount: type, mode, inode number, link
+    count (not for directories), and with WITH_DATA the size of a regular file, the target
+    of a symlink."""
+    st = os.lstat(path)
+    kind = stat.S_IFMT(st.st_mode)
+    nlink = 0 if stat.S_ISDIR(st.st_mode) else st.st_nlink
+    extra: Any = None
+    if stat.S_ISLNK(st.st_mode):
+        extra = os.readlink(path)
+    elif with_data and stat.S_ISREG(st.st_mode):
+        extra = st.st_size
+    return (kind, stat.S_IMODE(st.st_mode), st.st_ino, nlink, extra)
+
+
+def tree_state(root: str | os.PathLike[str], with_data: bool = True) -> dict[str, tuple[Any, ...]]:
+    """entry_state of everything under ROOT, by path relative to ROOT (symlinks are not
+    followed)."""
+    out: dict[str, tuple[Any, ...]] = {}
+    base = os.fspath(root)
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for dirpath, dirnames, filenames in os.walk(base, onerror=fail):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, base)] = entry_state(path, with_data)
+    return out
+
+
+def tree_diff(a: dict[str, Any], b: dict[str, Any], limit: int = 20) -> list[str]:
+    """Lines naming the paths where two tree_state results differ."""
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            lines.append(f"{key}: {a.get(key, 'missing')} != {b.get(key, 'missing')}")
+    return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
