@@ -162,6 +162,9 @@ class FileSystem:
         self._store = store
         self._blockdir = blockdir
         self.committer: Committer | None = committer
+        # Set while this node is offline (cut off from the majority, removed): every call
+        # but a release answers EIO (see fuse_ops.boundary).
+        self.offline_reason = ""
         self.invalidator: Invalidator = NoInvalidator()  # the mount sets a real one
         self._lookups: Counter[int] = Counter()
         self._open_count: Counter[int] = Counter()

@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -39,11 +39,19 @@ T = TypeVar("T")
 Entry = pyfuse3.EntryAttributes
 
 
+# Calls that only let go of this node's own state: they work while the node is offline.
+_CLEANUP = frozenset({"release", "releasedir"})
+
+
 def boundary(
     handler: Callable[P, Coroutine[Any, Any, T]],
 ) -> Callable[P, Coroutine[Any, Any, T]]:
+    cleanup = handler.__name__ in _CLEANUP
+
     @functools.wraps(handler)
     async def wrapped(*args: P.args, **kwargs: P.kwargs) -> T:
+        if not cleanup and cast(Operations, args[0]).fs.offline_reason:
+            raise pyfuse3.FUSEError(errno.EIO)  # offline means offline: reads included
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:

@@ -120,7 +120,7 @@ class Node:
                                    self._commit_report, self.fs.caches_dropped)
         self.membership = MembershipDriver(
             config.name, config.listen, store, self._send_membership, self.commit,
-            Witness(self.registry.cluster_dir), self._went_offline)
+            Witness(self.registry.cluster_dir), self._went_offline, self._member_again)
         self.fs.committer = self.commit
         self.transport.on(CHANNEL_TXN, self.commit.on_frame)
         self.transport.on(CHANNEL_MEMBERSHIP, self.membership.on_frame)
@@ -137,8 +137,12 @@ class Node:
         self.membership.on_commit_report(report)
 
     def _went_offline(self, reason: str) -> None:
+        self.fs.offline_reason = reason
         if reason.startswith("left") and self._mounted:
             pyfuse3.terminate()  # `clusterfs leave`: unmount once the view is without us
+
+    def _member_again(self) -> None:
+        self.fs.offline_reason = ""
 
     # -- start-up ---------------------------------------------------------------------------
     def _start_membership(self) -> None:

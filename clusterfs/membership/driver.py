@@ -62,8 +62,8 @@ class MembershipDriver:
     """Runs this node's `Membership` from one trio task."""
 
     def __init__(self, name: str, address: str, store: Store, send_frame: SendFrame,
-                 commit: CommitDriver, witness: Witness, on_offline: Callable[[str], None]
-                 ) -> None:
+                 commit: CommitDriver, witness: Witness, on_offline: Callable[[str], None],
+                 on_member: Callable[[], None] = lambda: None) -> None:
         self.name = name
         self.address = address
         self._store = store
@@ -71,6 +71,7 @@ class MembershipDriver:
         self._commit = commit
         self._witness = witness
         self._on_offline = on_offline
+        self._on_member = on_member
         self._events_in, self._events = trio.open_memory_channel[ev.Event](math.inf)
         self.core: Membership | None = None
         self._rejoin_contacts: tuple[str, ...] = ()
@@ -186,6 +187,8 @@ class MembershipDriver:
         log.info("view %d: members %s, leader %s", view.epoch, ", ".join(view.members),
                  view.leader)
         self._commit.on_view(to_commit_view(view))
+        if self.name in view.members:
+            self._on_member()
 
     def _go_offline(self, reason: str) -> None:
         log.warning("going offline: %s", reason)

@@ -17,8 +17,6 @@ from tests.util import run_cli, tree_diff, tree_state
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 
-
-
 def _populate(cluster: Cluster, prefix: str, nodes: list[int]) -> dict[str, bytes]:
     """Directories and files written through each of NODES; {relative path: data}."""
     files = {}
