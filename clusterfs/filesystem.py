@@ -86,6 +86,9 @@ class StatFs:
     name_max: int
 
 
+_CREATING = (r.MakeNode, r.MakeDir, r.MakeSymlink, r.Link)
+
+
 class Invalidator(Protocol):
     """Drops what the kernel caches (see `fuse_ops.KernelInvalidator`); `entry` and `inode`
     never block or raise, since they run on the event loop while requests are in flight."""
@@ -515,9 +518,12 @@ class FileSystem:
         for inode in applied.purged:
             self._seen_data.pop(inode.ino, None)
         if not local:
-            self._drop_kernel_caches(applied)
+            self._drop_kernel_caches(record, applied)
         for ino in applied.orphaned:
-            self._maybe_purge(ino)
+            # The unlinking node purges; a node with the file open purges at its last
+            # release instead (one Purge record per unlink, not one per node).
+            if local or self._open_count.get(ino):
+                self._maybe_purge(ino)
 
     def _apply_to_blockdir(self, record: r.Record, applied: Applied, local: bool) -> None:
         if isinstance(record, r.MakeNode | r.MakeDir | r.MakeSymlink):
@@ -555,11 +561,14 @@ class FileSystem:
         if not self._changes_in_flight:
             await self.invalidator.drained()
 
-    def _drop_kernel_caches(self, applied: Applied) -> None:
+    def _drop_kernel_caches(self, record: r.Record, applied: Applied) -> None:
         """Another node changed these (DESIGN.md rule 6): the kernel must ask again, and the
-        next open must drop cached pages (close-to-open)."""
-        for parent, name in dict.fromkeys(applied.changed_entries):
-            self.invalidator.entry(parent, name)
+        next open must drop cached pages (close-to-open). A name that a record creates was
+        not cached here (lookups never answer with cached negative entries), so only the
+        parent's attributes change for those."""
+        if not isinstance(record, _CREATING):
+            for parent, name in dict.fromkeys(applied.changed_entries):
+                self.invalidator.entry(parent, name)
         for ino in dict.fromkeys(applied.changed_inodes):
             self._seen_data.pop(ino, None)
             self.invalidator.inode(ino)

@@ -287,8 +287,10 @@ class KernelInvalidator:
         self._thread = threading.Thread(target=self._work, name="clusterfs-invalidate",
                                         daemon=True)
         self._stopping = False
+        self._undrained = False  # entries queued since the last `drained`
 
     def entry(self, parent: int, name: bytes) -> None:
+        self._undrained = True
         self._queue.put(functools.partial(_invalidate, parent, name))
 
     def inode(self, ino: int) -> None:
@@ -297,8 +299,9 @@ class KernelInvalidator:
     async def drained(self) -> None:
         """Wait until the entries queued so far are dropped, at most DRAIN_TIMEOUT_S (a
         directory locked by a request that waits for a commit would block it longer)."""
-        if self._stopping or self._thread.ident is None:
-            return
+        if self._stopping or self._thread.ident is None or not self._undrained:
+            return  # nothing queued since the last wait: no thread round trip
+        self._undrained = False
         done = trio.Event()
         token = trio.lowlevel.current_trio_token()
         self._queue.put(functools.partial(_wake, token, done))

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 APPLIED_SEQ = b"applied_seq"
 LOG_KEEP_BATCHES = 10_000
+LAZY_DELAY_S = 0.2  # how long a lazy record waits for company
 INLINE_APPLY_RECORDS = 64  # bigger batches are applied in a worker thread
 IDLE_FLUSH_DELAY_S = 0.02  # quiet time after which applied batches are flushed
 
@@ -141,6 +142,9 @@ class CommitDriver:
         self._outcomes: dict[int, Applied] = {}
         self._nursery: trio.Nursery | None = None
         self._unflushed = False
+        self._lazy: list[records.Record] = []
+        self._lazy_due_s = math.inf
+        self._waiting = trio.CancelScope()  # the loop's wait for the next event
         self.offline_reason = ""
         self.changed = trio.Event()  # set (and replaced) whenever the view or readiness moves
 
@@ -155,7 +159,12 @@ class CommitDriver:
         return waiter.result
 
     def submit_lazy(self, record: records.Record) -> None:
-        self._events_in.send_nowait(_Capture(record, None))
+        """Housekeeping (a purge): it rides along with the next captured record, or goes
+        alone after LAZY_DELAY_S, so it rarely costs a commit round of its own."""
+        if not self._lazy:
+            self._lazy_due_s = trio.current_time() + LAZY_DELAY_S
+            self._waiting.deadline = min(self._waiting.deadline, self._lazy_due_s)
+        self._lazy.append(record)
 
     # -- inputs from the transport and the membership layer ---------------------------------
     def on_frame(self, sender: str, payload: bytes) -> None:
@@ -192,16 +201,31 @@ class CommitDriver:
             self._nursery = nursery
             task_status.started()
             while True:
-                deadline_s = self.member.next_deadline_s()
                 event: _Event | None = None
-                with trio.move_on_at(math.inf if deadline_s is None else deadline_s):
+                with trio.move_on_at(self._next_deadline_s()) as self._waiting:
                     event = await self._receive_or_flush()
                 now_s = trio.current_time()
                 was_serving = self.serving
-                actions = self.member.tick(now_s) if event is None else self._feed(event, now_s)
+                if event is None:
+                    actions = self.member.tick(now_s)
+                    if self._lazy and now_s >= self._lazy_due_s:
+                        actions += self._capture_lazy(now_s)
+                else:
+                    actions = self._feed(event, now_s)
                 await self._perform(actions)
                 if self.serving != was_serving:
                     self._notify()
+
+    def _next_deadline_s(self) -> float:
+        times = [self.member.next_deadline_s(), self._lazy_due_s if self._lazy else None]
+        return min((t for t in times if t is not None), default=math.inf)
+
+    def _capture_lazy(self, now_s: float) -> list[Action]:
+        actions: list[Action] = []
+        lazy, self._lazy = self._lazy, []
+        for record in lazy:
+            actions += self.member.capture(cast(records.AnyRecord, record), now_s)[1]
+        return actions
 
     async def _receive_or_flush(self) -> _Event:
         """The next event; if none comes for a moment after an unflushed apply, flush the
@@ -228,11 +252,11 @@ class CommitDriver:
             case _Message(sender, message):
                 return self.member.on_message(sender, message, now_s)
             case _Capture(record, waiter):
-                request_id, actions = self.member.capture(cast(records.AnyRecord, record),
-                                                          now_s)
+                actions = self._capture_lazy(now_s)  # same batch, most likely
+                request_id, more = self.member.capture(cast(records.AnyRecord, record), now_s)
                 if waiter is not None:
                     self._waiters[request_id] = waiter
-                return actions
+                return actions + more
             case _Logged(epoch, first_seq, ok, reason):
                 return self.member.logged(epoch, first_seq, ok, now_s, reason)
             case _NewView(view):
