@@ -225,15 +225,13 @@ class ClusterfsMount:
 
     def wait_exit(self, timeout_s: float = EXIT_TIMEOUT_S) -> int:
         assert self.proc is not None
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        status = wait_or_kill(self.proc, timeout_s)
+        if status is None:
             raise MountError(
                 f"daemon {self.proc.pid} did not exit within {timeout_s} s; killed it:\n"
                 f"{self.log_tail()}"
-            ) from None
+            )
+        return status
 
     def kill9(self, unmount_dead: bool = True) -> None:
         """SIGKILL the daemon by PID and reap it; then lazily unmount the dead mount
@@ -336,6 +334,16 @@ def _is_spare(view: Any, name: str, next_ino: int) -> bool:
         return True
     inode = view.get_inode(ino)
     return inode is not None and not stat.S_ISREG(inode.mode)
+
+
+def wait_or_kill(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+    """The exit status of PROC within TIMEOUT_S; None if it had to be SIGKILLed (by PID)."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
 
 
 def run_cli(

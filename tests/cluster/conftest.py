@@ -40,6 +40,7 @@ from tests.util import (
     is_mounted,
     run_cli,
     unmount,
+    wait_or_kill,
 )
 
 BASE_DIR = "/var/tmp"
@@ -135,15 +136,13 @@ class ClusterNode:
     def wait_exit(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """Wait for the node process to exit (SIGKILL it after TIMEOUT_S); its status."""
         assert self.proc is not None
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        status = wait_or_kill(self.proc, timeout_s)
+        if status is None:
             raise ClusterError(
                 f"node {self.name} (pid {self.proc.pid}) did not exit within {timeout_s:g} s; "
                 f"killed it:\n{self.log_tail()}"
-            ) from None
+            )
+        return status
 
     def kill9(self) -> None:
         """SIGKILL the node by PID and reap it; its mount stays (dead) until detached."""
