@@ -14,7 +14,7 @@ where the disk's data lies (the blocks region for a dynamic disk). Data stays in
 the page cache (no O_DIRECT, no fsync in the timed loops), so the figures show
 software overhead. Every case is time-bounded.
 
-    .venv/bin/python tools/bench_vhd.py [--size-mib 128] [--seconds 1.0] [--pin CPU]
+    .venv/bin/python tools/bench_vhd.py [--size-mib 128] [--seconds 1.5] [--pin CPU]
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from vhdshare.blockimage import (
 )
 from vhdshare.vhd import (
     BAT_UNUSED,
+    MAX_BAT_ENTRIES,
     VHD_BAT_ENTRY,
     VHD_DYNAMIC_HEADER,
     VHD_FOOTER,
@@ -80,6 +81,10 @@ def load_layout(fd: int, footer: Footer, size_bytes: int, data_limit_bytes: int)
         raise VhdError(f"dynamic disk header offset {header_offset} is outside the file")
     header = parse_dynamic_header(pread_exact(fd, VHD_DYNAMIC_HEADER.size, header_offset, VhdError))
     blocks_needed = -(-size_bytes // header.block_size)
+    if blocks_needed > MAX_BAT_ENTRIES:
+        raise VhdError(f"a disk of {size_bytes} bytes in blocks of {header.block_size} bytes "
+                       f"needs {blocks_needed} BAT entries, more than the {MAX_BAT_ENTRIES} "
+                       "vhdshare supports")
     if header.max_table_entries < blocks_needed:
         raise VhdError(f"block allocation table has {header.max_table_entries} entries, "
                        f"the disk size needs {blocks_needed}")

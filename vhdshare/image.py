@@ -33,6 +33,7 @@ from vhdshare.vhd import (
     DISK_TYPE_DYNAMIC,
     DISK_TYPE_FIXED,
     FOOTER_COOKIE,
+    MAX_BAT_ENTRIES,
     MAX_SIZE_BYTES,
     NO_DATA_OFFSET,
     VHD_DYNAMIC_HEADER,
@@ -185,6 +186,9 @@ def _write_fixed(fd: int, size_bytes: int) -> None:
 def _write_dynamic(fd: int, size_bytes: int, block_size_bytes: int) -> None:
     header = new_dynamic_header(size_bytes, DYNAMIC_TABLE_OFFSET, block_size_bytes)
     parse_dynamic_header(header.pack())  # refuses a bad block size before anything is written
+    if header.max_table_entries > MAX_BAT_ENTRIES:
+        raise VhdError(f"block size {block_size_bytes} is too small for a disk of {size_bytes} "
+                       "bytes")
     footer = new_footer(size_bytes, DISK_TYPE_DYNAMIC, VHD_FOOTER.size).pack()
     entries = header.max_table_entries
     pwrite_all(fd, footer, 0)

@@ -67,6 +67,10 @@ MAX_CHS_SECTORS = 65535 * 16 * 255
 MAX_SIZE_BYTES = 0xFF000000 * SECTOR_SIZE  # 2040 GiB, the limit qemu and Hyper-V share
 DEFAULT_BLOCK_SIZE_BYTES = 2 * 1024 * 1024
 MAX_BLOCK_SIZE_BYTES = 256 * 1024 * 1024
+# The BAT is held in memory, so its length is bounded: enough for the largest disk in
+# blocks of 512 KiB (every tool we know writes 2 MiB blocks); a hostile header asking
+# for more (tiny blocks on a huge disk) is refused instead of exhausting memory.
+MAX_BAT_ENTRIES = MAX_SIZE_BYTES // (512 * 1024)
 CURRENT_SIZE_CREATORS = frozenset({b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\x00"})
 OUR_CREATOR_APP = b"win "
 OUR_CREATOR_VERSION = 0x000A0000

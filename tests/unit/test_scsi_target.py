@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vhdshare.dynamic import DynamicImage
+from vhdshare.image import create_image, open_image
 from vhdshare.scsi import (
     INVALID_COMMAND_OPERATION_CODE,
     INVALID_FIELD_IN_CDB,
@@ -317,6 +320,34 @@ def test_write_same(target: Target, image: MemoryImage) -> None:
           INVALID_FIELD_IN_CDB)
     check(target.execute("i1", write_same16(2047, 2), pattern), SenseKey.ILLEGAL_REQUEST,
           LBA_OUT_OF_RANGE)
+
+
+def test_unmap_and_write_same_deallocate_whole_blocks_of_a_dynamic_vhd(tmp_path: Path) -> None:
+    """UNMAP and WRITE SAME(16) with UNMAP free whole 2 MiB blocks; partial ones read zeros."""
+    spb = 2 * 1024 * 1024 // SECTOR  # sectors per block
+    path = tmp_path / "d.vhd"
+    create_image(path, 5 * spb * SECTOR, "dynamic")
+    with open_image(path, writable=True) as image:
+        assert isinstance(image, DynamicImage)
+        target = Target(image, "dyn")
+        for lba in range(0, 5 * spb, 2048):
+            assert target.execute("i1", write16(lba, 2048), b"\x01" * 2048 * SECTOR).status == 0
+        assert image.allocated_blocks == 5
+        params = unmap_list((0, spb + 8))  # block 0 whole, 8 sectors of block 1
+        assert target.execute("i1", unmap_cdb(len(params)), params).status == Status.GOOD
+        assert image.allocated_blocks == 4
+        assert target.execute("i1", write_same16(2 * spb, spb, unmap=True),
+                              bytes(SECTOR)).status == Status.GOOD
+        assert target.execute("i1", write_same16(3 * spb, spb, unmap=True, ndob=True)
+                              ).status == Status.GOOD
+        assert image.allocated_blocks == 2  # blocks 1 (partly unmapped) and 4
+        assert target.execute("i1", read16(0, spb + 8)).data_in == bytes((spb + 8) * SECTOR)
+        assert target.execute("i1", read16(spb + 8, 1)).data_in == b"\x01" * SECTOR
+        assert target.execute("i1", read16(2 * spb, 2 * spb)).data_in == bytes(2 * spb * SECTOR)
+        # a non-zero pattern with UNMAP is written, not unmapped
+        assert target.execute("i1", write_same16(2 * spb, 1, unmap=True), b"\x07" * SECTOR
+                              ).status == Status.GOOD
+        assert image.allocated_blocks == 3 and image.read(2 * spb, 1) == b"\x07" * SECTOR
 
 
 def test_report_luns(target: Target) -> None:

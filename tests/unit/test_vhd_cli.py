@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,18 @@ def test_convert_round_trips_sparsely(tmp_path: Path, capsys: pytest.CaptureFixt
         assert image.info()["blocks_allocated"] == 2  # zero runs were not written
     assert os.stat(tmp_path / "back.raw").st_blocks * 512 < 4 * MIB
     assert os.stat(tmp_path / "b.vhd").st_blocks * 512 < 4 * MIB
+
+
+def test_convert_draws_a_progress_bar_on_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "disk.raw"
+    with open(src, "wb") as file:
+        file.truncate(8 * MIB)
+        file.write(b"\x42" * MIB)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, out, err = run(capsys, "convert", str(src), str(tmp_path / "d.vhd"), "--type", "dynamic")
+    assert (code, out) == (0, "")
+    frames = err.split("\r")[1:]
+    assert frames[0].startswith("[") and frames[-1].startswith("[" + "#" * 40 + "] 100% 8 MiB")
+    assert err.endswith("\n") and err.count("\n") == 1  # one line, redrawn in place

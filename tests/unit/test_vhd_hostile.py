@@ -114,6 +114,17 @@ def test_absurd_sizes(tmp_path: Path) -> None:
     expect_error(fixed, "truncated")
 
 
+def test_bat_too_long_to_hold_is_refused(tmp_path: Path) -> None:
+    """Tiny blocks on a huge disk would need a BAT of gigabytes: a clear error, no MemoryError."""
+    path = tmp_path / "d.vhd"
+    small_dynamic(path)  # 4 KiB blocks
+    rewrite_footers(path, current_size=1 << 40)
+    expect_error(path, "needs 268435456 BAT entries, more than the")
+    with pytest.raises(VhdError, match="block size 4096 is too small"):
+        create_image(tmp_path / "big.vhd", 1 << 40, "dynamic", block_size_bytes=BLOCK)
+    assert not (tmp_path / "big.vhd").exists()
+
+
 def test_header_and_table_out_of_file(tmp_path: Path) -> None:
     path = tmp_path / "d.vhd"
     small_dynamic(path)
