@@ -28,8 +28,8 @@ from clusterfs.membership.witness import Witness
 from clusterfs.namespace import initialise
 from clusterfs.registry import Registry, RegistryError, check_name
 from clusterfs.status import SOURCE_PREFIX
-from clusterfs.store import Store
-from clusterfs.txn.actions import NeedSnapshot, RemoveMember
+from clusterfs.store import CLUSTER_ID, Store
+from clusterfs.txn.actions import RemoveMember
 from clusterfs.txn.driver import CommitDriver
 from clusterfs.txn.transport import (
     CHANNEL_MEMBERSHIP,
@@ -41,7 +41,6 @@ from clusterfs.txn.transport import (
 log = logging.getLogger(__name__)
 
 CLEAN = b"clean"
-CLUSTER_ID = b"cluster_id"
 FOUNDER_FILE = "founder"
 JOIN_TIMEOUT_S = 60.0
 
@@ -117,7 +116,8 @@ class Node:
         self.fs = FileSystem(store, blockdir)
         self.transport = Transport(config.name, config.listen, self.registry.address)
         self.commit = CommitDriver(config.name, store, self._send_txn, self.fs.on_applied,
-                                   self._commit_report, self.fs.caches_dropped)
+                                   self._commit_report, self.registry.snapshots_dir,
+                                   self.fs.caches_dropped)
         self.membership = MembershipDriver(
             config.name, config.listen, store, self._send_membership, self.commit,
             Witness(self.registry.cluster_dir), self._went_offline, self._member_again)
@@ -133,7 +133,7 @@ class Node:
     def _send_membership(self, to: str, payload: bytes) -> None:
         self.transport.send(to, CHANNEL_MEMBERSHIP, payload)
 
-    def _commit_report(self, report: RemoveMember | NeedSnapshot) -> None:
+    def _commit_report(self, report: RemoveMember) -> None:
         self.membership.on_commit_report(report)
 
     def _went_offline(self, reason: str) -> None:

@@ -2,6 +2,8 @@
 
     BLOCKDIR/cluster/nodes/NAME    the node's HOST:PORT (written when the node starts)
     BLOCKDIR/cluster/witness       the two-node tie-break record (membership/witness.py)
+    BLOCKDIR/cluster/snapshots/    replica copies for members too far behind the commit log
+                                   (txn/driver.py; each removed once installed)
 
 Every node shares the block directory by definition, so this is how the nodes find each
 other's addresses from the names in a membership view. Node names are checked before they
@@ -32,6 +34,7 @@ class Registry:
     def __init__(self, blockdir_root: Path) -> None:
         self.cluster_dir = blockdir_root / "cluster"
         self._nodes = self.cluster_dir / "nodes"
+        self.snapshots_dir = self.cluster_dir / "snapshots"
 
     def register(self, name: str, address: str) -> None:
         self._nodes.mkdir(parents=True, exist_ok=True)

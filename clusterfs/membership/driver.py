@@ -26,7 +26,7 @@ from clusterfs.membership.core import Membership
 from clusterfs.membership.view import View, to_commit_view
 from clusterfs.membership.witness import Witness
 from clusterfs.store import Store
-from clusterfs.txn.actions import NeedSnapshot, RemoveMember
+from clusterfs.txn.actions import RemoveMember
 from clusterfs.txn.driver import CommitDriver
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,9 @@ class MembershipDriver:
             return
         self._events_in.send_nowait(message)
 
-    def on_commit_report(self, report: RemoveMember | NeedSnapshot) -> None:
+    def on_commit_report(self, report: RemoveMember) -> None:
         """What the commit layer asks of the membership layer."""
-        if isinstance(report, RemoveMember):
-            self._events_in.send_nowait(ev.MemberFailed(report.node, report.reason))
-        else:
-            log.error("this replica fell behind the cluster's log: %s", report.reason)
-            self._events_in.send_nowait(ev.MemberFailed(self.name, report.reason))
+        self._events_in.send_nowait(ev.MemberFailed(report.node, report.reason))
 
     def leave(self) -> None:
         self._events_in.send_nowait(messages.Leave(self.name))

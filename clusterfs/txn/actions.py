@@ -75,8 +75,10 @@ class RemoveMember:
 
 @dataclass(frozen=True, slots=True)
 class NeedSnapshot:
-    """This replica fell behind the others' logs: re-join with a snapshot."""
+    """This replica fell behind the others' logs: install a snapshot of `source`'s replica
+    (the driver confirms with `Participant.installed_snapshot` or `snapshot_failed`)."""
 
+    source: str
     reason: str
 
 

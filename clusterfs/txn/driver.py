@@ -22,18 +22,24 @@ import collections
 import errno
 import logging
 import math
+import os
+import re
+import shutil
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 import lmdb
+import msgspec
 import trio
 
 from clusterfs import records
 from clusterfs.committer import AppliedHook
 from clusterfs.namespace import Applied, NamespaceError, apply
-from clusterfs.store import Store
+from clusterfs.store import CLUSTER_ID, SnapshotError, Store
 from clusterfs.txn.actions import (
     Action,
     ApplyBatch,
@@ -51,6 +57,8 @@ from clusterfs.txn.messages import (
     AnyMessage,
     Batch,
     ProtocolError,
+    SnapshotReady,
+    SnapshotRequest,
     decode,
     decode_batch,
     encode,
@@ -62,7 +70,11 @@ from clusterfs.txn.view import View
 log = logging.getLogger(__name__)
 
 APPLIED_SEQ = b"applied_seq"
-LOG_KEEP_BATCHES = 10_000
+# Committed batches kept for catching up by log; a replica further behind installs a
+# snapshot. Tests shorten it through the environment to exercise snapshots quickly.
+LOG_KEEP_BATCHES = int(os.environ.get("CLUSTERFS_TEST_LOG_KEEP_BATCHES", "10000"))
+SNAPSHOT_MAX_AGE_S = 3600.0  # a snapshot left behind by an asker that died is removed then
+_SNAPSHOT_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,100}")
 LAZY_DELAY_S = 0.2  # how long a lazy record waits for company
 INLINE_APPLY_RECORDS = 64  # bigger batches are applied in a worker thread
 IDLE_FLUSH_DELAY_S = 0.02  # quiet time after which applied batches are flushed
@@ -72,7 +84,7 @@ COORDINATOR_CONFIG = CoordinatorConfig(prepare_timeout_s=3.0, ack_timeout_s=5.0,
                                        survey_timeout_s=3.0)
 
 SendFrame = Callable[[str, bytes], None]
-MembershipReport = Callable[[RemoveMember | NeedSnapshot], None]
+MembershipReport = Callable[[RemoveMember], None]
 
 
 @dataclass(eq=False)
@@ -107,7 +119,14 @@ class _NewView:
     view: View
 
 
-_Event = _Message | _Capture | _Logged | _NewView
+@dataclass(frozen=True)
+class _SnapshotInstalled:
+    ok: bool
+    applied_seq: int = 0
+    log: tuple[Batch, ...] = ()
+
+
+_Event = _Message | _Capture | _Logged | _NewView | _SnapshotInstalled
 
 
 def restore_participant(name: str, store: Store) -> Participant:
@@ -126,11 +145,15 @@ class CommitDriver:
     """Runs one node's `Member` from one trio task; the `Committer` of a cluster node."""
 
     def __init__(self, name: str, store: Store, send_frame: SendFrame, on_applied: AppliedHook,
-                 report: MembershipReport,
+                 report: MembershipReport, snapshots_dir: Path,
                  before_ack: Callable[[], Awaitable[None]] | None = None) -> None:
         """`before_ack` runs after a batch is applied, before it is acknowledged: the file
-        system layer waits there until the kernel has dropped what the batch changed."""
+        system layer waits there until the kernel has dropped what the batch changed.
+        `snapshots_dir` (in the common block directory) is where replicas are copied for
+        members that fell too far behind."""
         self.name = name
+        self._snapshots_dir = snapshots_dir
+        self._snapshot_source: str | None = None  # asked for a snapshot, not installed yet
         self._before_ack = before_ack
         self._store = store
         self._send_frame = send_frame
@@ -249,8 +272,17 @@ class CommitDriver:
                 event.waiter.done.set()
             return []
         match event:
+            case _Message(sender, SnapshotRequest()):
+                self._serve_snapshot(sender)
+                return []
+            case _Message(sender, SnapshotReady() as ready):
+                return self._on_snapshot_ready(sender, ready, now_s)
             case _Message(sender, message):
                 return self.member.on_message(sender, message, now_s)
+            case _SnapshotInstalled(ok, applied_seq, tail):
+                if not ok:
+                    return self.member.participant.snapshot_failed(now_s)
+                return self.member.participant.installed_snapshot(applied_seq, tail, now_s)
             case _Capture(record, waiter):
                 actions = self._capture_lazy(now_s)  # same batch, most likely
                 request_id, more = self.member.capture(cast(records.AnyRecord, record), now_s)
@@ -289,8 +321,10 @@ class CommitDriver:
                                                        trio.current_time()))
                 case Reply(request_id, code):
                     self._reply(request_id, code)
-                case RemoveMember() | NeedSnapshot():
+                case RemoveMember():
                     self._report(action)
+                case NeedSnapshot(source, reason):
+                    self._ask_snapshot(source, reason)
 
     # -- the replica --------------------------------------------------------------------------
     async def _log_durably(self, batch: Batch) -> None:
@@ -377,6 +411,85 @@ class CommitDriver:
         else:
             waiter.result = outcome
         waiter.done.set()
+
+    # -- snapshots: a replica too far behind the others' logs copies one of theirs -------------
+    def _ask_snapshot(self, source: str, reason: str) -> None:
+        log.warning("catching up by snapshot from %s: %s", source, reason)
+        self._snapshot_source = source
+        view = self.member.view
+        self._send_frame(source, encode(SnapshotRequest(view.epoch if view else 0)))
+
+    def _serve_snapshot(self, asker: str) -> None:
+        view = self.member.view
+        if view is None or not view.has(asker) or asker == self.name:
+            log.warning("refused a snapshot to %s: not a member", asker[:64])
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._make_snapshot, asker, view.epoch)
+
+    async def _make_snapshot(self, asker: str, epoch: int) -> None:
+        token = f"{asker}-{uuid.uuid4().hex}"
+        started_s = time.monotonic()
+        try:
+            applied_seq = await trio.to_thread.run_sync(self._copy_snapshot, token)
+        except (lmdb.Error, OSError) as exc:
+            log.error("cannot copy the replica for %s: %s", asker, exc)
+            reply = SnapshotReady(epoch, "", 0, f"{self.name} cannot copy its replica: {exc}")
+        else:
+            log.info("copied the replica for %s (through sequence %d) in %.1f s", asker,
+                     applied_seq, time.monotonic() - started_s)
+            reply = SnapshotReady(epoch, token, applied_seq)
+        self._send_frame(asker, encode(reply))
+
+    def _copy_snapshot(self, token: str) -> int:
+        self._snapshots_dir.mkdir(parents=True, exist_ok=True)
+        for old in self._snapshots_dir.iterdir():
+            if time.time() - old.stat().st_mtime > SNAPSHOT_MAX_AGE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        return self._store.copy_snapshot(self._snapshots_dir / token)
+
+    def _on_snapshot_ready(self, sender: str, ready: SnapshotReady, now_s: float
+                           ) -> list[Action]:
+        if sender != self._snapshot_source:
+            return []  # not asked, or already being installed
+        self._snapshot_source = None
+        if ready.error or not _SNAPSHOT_TOKEN.fullmatch(ready.token):
+            log.warning("no snapshot from %s: %s", sender, ready.error or "a malformed answer")
+            return self.member.participant.snapshot_failed(now_s)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._install_snapshot, sender, ready.token)
+        return []
+
+    async def _install_snapshot(self, source: str, token: str) -> None:
+        path = self._snapshots_dir / token
+        started_s = time.monotonic()
+        try:
+            applied_seq, raw_log = await trio.to_thread.run_sync(
+                self._store_snapshot, path, source)
+            tail = tuple(decode_batch(raw) for raw in raw_log)
+        except (lmdb.Error, OSError, SnapshotError, msgspec.DecodeError) as exc:
+            log.error("cannot install the snapshot from %s: %s", source, exc)
+            self._events_in.send_nowait(_SnapshotInstalled(False))
+            return
+        finally:
+            await trio.to_thread.run_sync(shutil.rmtree, path, True)
+        log.warning("installed the snapshot from %s (through sequence %d) in %.1f s",
+                    source, applied_seq, time.monotonic() - started_s)
+        self._events_in.send_nowait(_SnapshotInstalled(True, applied_seq, tail))
+
+    def _store_snapshot(self, path: Path, source: str) -> tuple[int, list[bytes]]:
+        with self._store.read() as view:
+            cluster_id = view.get_meta(CLUSTER_ID) or b""
+        reported = [-1]
+
+        def progress(copied: int, total: int) -> None:
+            percent = 100 * copied // max(total, 1)
+            if percent >= reported[0] + 10 or copied == total:
+                reported[0] = percent
+                log.warning("snapshot from %s: %d of %d entries (%d%%)", source, copied,
+                            total, percent)
+
+        return self._store.install_snapshot(path, cluster_id, progress)
 
     def _notify(self) -> None:
         self.changed.set()

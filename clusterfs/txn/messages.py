@@ -138,9 +138,24 @@ class LogEntries(Message, frozen=True):
     too_old: bool = False
 
 
+# -- between drivers: snapshots of a replica (not part of the commit cores) -------------------
+
+class SnapshotRequest(Message, frozen=True):
+    """Copy your replica into the block directory's snapshot area for the sender."""
+
+
+class SnapshotReady(Message, frozen=True):
+    """The copy is `token` in the snapshot area and holds every record up to
+    `applied_seq`; `error` says why there is none."""
+
+    token: str
+    applied_seq: int
+    error: str = ""
+
+
 AnyMessage = (
     Forward | Vote | Ack | Report | Refused | Prepare | Decide | Done | Survey | CatchUp | Ready
-    | FetchLog | LogEntries
+    | FetchLog | LogEntries | SnapshotRequest | SnapshotReady
 )
 TO_COORDINATOR = (Forward, Vote, Ack, Report)
 

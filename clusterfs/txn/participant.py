@@ -15,7 +15,10 @@ and leader messages only from the view's leader.
 - Commit: decided batches are applied strictly in sequence order (`ApplyBatch`), then
   acknowledged. A participant that learns of commits it cannot apply (a lost message, a
   catch-up order) fetches the committed batches from the leader or the named source
-  (`FetchLog`/`LogEntries`); a peer whose log no longer reaches back asks for a snapshot.
+  (`FetchLog`/`LogEntries`). When that peer's log no longer reaches back, it asks the
+  driver for a snapshot of the peer's replica (`NeedSnapshot`), then fetches the batches
+  committed after the snapshot. Requests still waiting then fail with EIO: whether the
+  snapshot holds their records is not known here.
 - Survey: it reports its applied sequence and its durable prepared batches; an older
   durable batch stays reported until the batch replacing it is durable. A batch that
   becomes durable only after its epoch ended was never voted for, so it is not reported
@@ -279,13 +282,40 @@ class Participant:
             if self._snapshot_asked:
                 return []
             self._snapshot_asked = True
-            return [NeedSnapshot(f"{sender}'s log does not reach back to "
-                                 f"{self.applied_seq + 1}")]
+            return [NeedSnapshot(sender, f"{sender}'s log does not reach back to "
+                                         f"{self.applied_seq + 1}")]
         for batch in message.batches:
             if batch.first_seq > self.applied_seq:
                 self._fetched[batch.first_seq] = batch
                 self._known_committed_seq = max(self._known_committed_seq, batch.last_seq)
         return self._pump(now_s)
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def installed_snapshot(self, applied_seq: int, log: tuple[Batch, ...],
+                           now_s: float) -> list[Action]:
+        """The driver installed a snapshot that holds every record up to `applied_seq` and
+        the snapshot's commit log; go on from there."""
+        self._snapshot_asked = False
+        if applied_seq <= self.applied_seq:
+            return self._pump(now_s)
+        self.applied_seq = applied_seq
+        for table in (self.prepared, self._decided, self._fetched, self._logged):
+            for seq in [s for s in table if s <= applied_seq]:
+                del table[seq]
+        self._durable = {key for key in self._durable if key[1] > applied_seq}
+        kept = log[-self.config.log_keep_batches:]
+        self.log = OrderedDict((b.first_seq, b) for b in kept)
+        self._known_committed_seq = max(self._known_committed_seq, applied_seq)
+        self._fetch_at_s = now_s
+        ack = [self._ack()] if self.view is not None else []
+        return self._fail_requests() + ack + self._pump(now_s)
+
+    def snapshot_failed(self, now_s: float) -> list[Action]:
+        """The snapshot could not be had: fetch again, which asks again if still needed."""
+        self._snapshot_asked = False
+        self._fetch_at_s = now_s + self.config.resend_interval_s
+        return []
 
     # -- applying in order ----------------------------------------------------------------
 

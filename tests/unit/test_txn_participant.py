@@ -199,6 +199,32 @@ def test_a_log_that_does_not_reach_back_asks_for_a_snapshot_once() -> None:
     assert participant.on_message("n2", LogEntries(5, (), too_old=True), 0.0) == []
 
 
+def test_after_a_snapshot_it_acks_and_fetches_what_was_committed_since() -> None:
+    participant = joined()
+    waiting, _ = participant.capture(make(b"mine"), 0.0)
+    participant.on_message("n0", CatchUp(5, 12, "n2"), 0.0)
+    [need] = participant.on_message("n2", LogEntries(5, (), too_old=True), 0.0)
+    assert need == NeedSnapshot("n2", "n2's log does not reach back to 1")
+    kept = tuple(batch(seq, b"x") for seq in range(6, 11))
+    actions = participant.installed_snapshot(10, kept, 1.0)
+    assert actions == [Reply(waiting, errno.EIO), Send("n0", Ack(5, "n1", 10)),
+                       Send("n2", FetchLog(5, 11))]
+    assert participant.applied_seq == 10 and list(participant.log) == [8, 9, 10]
+    assert participant.on_message("n2", LogEntries(5, (batch(11, b"y", b"z"),)), 1.0) == [
+        ApplyBatch(batch(11, b"y", b"z")), Send("n0", Ack(5, "n1", 12))]
+
+
+def test_a_failed_snapshot_is_asked_for_again() -> None:
+    participant = joined()
+    participant.on_message("n0", CatchUp(5, 3, "n2"), 0.0)
+    assert participant.on_message("n2", LogEntries(5, (), too_old=True), 0.0)
+    assert participant.snapshot_failed(1.0) == []
+    assert participant.tick(1.05) == []  # not before the resend interval
+    assert participant.tick(1.2) == [Send("n2", FetchLog(5, 1))]
+    actions = participant.on_message("n2", LogEntries(5, (), too_old=True), 1.2)
+    assert len(actions) == 1 and isinstance(actions[0], NeedSnapshot)
+
+
 def test_after_a_view_change_applied_requests_succeed_and_the_rest_are_forwarded_again() -> None:
     participant = joined()
     applied_id, _ = participant.capture(make(b"a"), 0.0)
