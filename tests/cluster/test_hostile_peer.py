@@ -1,0 +1,95 @@
+"""A peer that speaks garbage: raw bytes on a node's port, and well-formed ZeroMQ messages
+whose contents are garbage, on every channel, under names that are not members'. Every node
+stays up (the shared-cluster fixture fails the test on a death or an ERROR line), the
+namespace does not change, and the file system goes on working.
+
+Not covered: a peer that claims a member's name. Peers are not authenticated yet, and a
+connection under a member's name takes that name over on the other nodes' ROUTER sockets
+(ROUTER_HANDOVER, which lets a restarted member take its name back), cutting the real member
+off until it reconnects; authenticated peers (the membership issue) are what closes that."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+
+import msgspec
+import pytest
+import zmq
+
+from clusterfs.txn import messages
+from tests.cluster.conftest import Cluster
+
+pytestmark = pytest.mark.mount
+
+CHANNELS = (b"t", b"m", b"c", b"x")
+
+
+def _raw_garbage(address: str, rng: random.Random) -> None:
+    host, port = address.rsplit(":", 1)
+    for size in (1, 10, 64, 4096, 1 << 20):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            try:
+                sock.sendall(rng.randbytes(size))
+                sock.settimeout(0.2)
+                sock.recv(4096)
+            except OSError:
+                pass  # the node may close the connection: that is what it should do
+
+
+def _payloads(rng: random.Random) -> list[bytes]:
+    prepare = messages.Prepare(10**9, messages.Batch(10**9, 1, ()))
+    return [
+        b"",
+        b"\x01",
+        rng.randbytes(100),
+        bytes([99]) + rng.randbytes(50),  # an unknown protocol version
+        messages.encode(prepare)[:-3],  # truncated
+        messages.encode(prepare),  # well formed, from a fenced-off future epoch
+        bytes([messages.PROTOCOL_VERSION]) + msgspec.msgpack.encode({"type": "Vote"}),
+        bytes([messages.PROTOCOL_VERSION]) + msgspec.msgpack.encode(["Decide", -1, "x", 3]),
+        bytes([messages.PROTOCOL_VERSION]) + msgspec.msgpack.encode(["SnapshotReady", 1,
+                                                                       "../../etc", 5, ""]),
+        bytes([messages.PROTOCOL_VERSION]) + rng.randbytes(3000),
+    ]
+
+
+def _zmq_garbage(address: str, identity: bytes, rng: random.Random) -> None:
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.IDENTITY, identity)
+    try:
+        dealer.connect(f"tcp://{address}")
+        for channel in CHANNELS:
+            for payload in _payloads(rng):
+                dealer.send_multipart([channel, payload])
+        dealer.send_multipart([b"t"])  # too few frames
+        dealer.send_multipart([b"t", b"a", b"b", b"c"])  # too many
+        time.sleep(0.5)  # let the node read everything before the socket goes away
+    finally:
+        dealer.close()
+        context.term()
+
+
+def test_garbage_from_a_peer_changes_nothing_and_crashes_nothing(
+        shared_cluster: Cluster, croot: str) -> None:
+    c = shared_cluster
+    (c.mnt(0) / croot / "before").write_bytes(b"before")
+    quiet = c.wait_quiet_digests()
+    digest, applied_seq = quiet["nodes"][0]["digest"], quiet["nodes"][0]["applied_seq"]
+    rng = random.Random(20261127)
+    for node in c.nodes:
+        _raw_garbage(node.address, rng)
+        _zmq_garbage(node.address, b"stranger", rng)
+        _zmq_garbage(node.address, rng.randbytes(16), rng)
+    after = c.wait_quiet_digests()
+    assert {(n["digest"], n["applied_seq"]) for n in after["nodes"]} == {(digest, applied_seq)}
+    assert not (c.blockdir / "etc").exists()
+    for i in range(len(c)):  # and every node still commits and serves
+        (c.mnt(i) / croot / f"after-n{i + 1}").write_bytes(b"after")
+    for i in range(len(c)):
+        assert sorted(os.listdir(c.mnt(i) / croot)) == [
+            "after-n1", "after-n2", "after-n3", "before"]
