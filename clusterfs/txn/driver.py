@@ -40,6 +40,7 @@ from clusterfs import records
 from clusterfs.committer import AppliedHook
 from clusterfs.namespace import Applied, NamespaceError, apply
 from clusterfs.store import CLUSTER_ID, SnapshotError, Store
+from clusterfs.txn import faults
 from clusterfs.txn.actions import (
     Action,
     ApplyBatch,
@@ -170,6 +171,7 @@ class CommitDriver:
         self._waiting = trio.CancelScope()  # the loop's wait for the next event
         self.offline_reason = ""
         self.changed = trio.Event()  # set (and replaced) whenever the view or readiness moves
+        self._crash_point = faults.from_environment()
 
     # -- the Committer interface ------------------------------------------------------------
     async def submit(self, record: records.Record) -> Applied:
@@ -307,6 +309,7 @@ class CommitDriver:
                 case Send(to, message) if to == self.name:
                     queue.extend(self.member.on_message(self.name, message, trio.current_time()))
                 case Send(to, message):
+                    self._crash_point.before_send(type(message).__name__)
                     self._send_frame(to, encode(message))
                 case LogDurably(batch):
                     assert self._nursery is not None

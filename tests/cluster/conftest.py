@@ -68,6 +68,7 @@ class ClusterNode:
         self.logfile = self.statedir / f"{self.name}.log"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # for this node's process only (test fault injection)
         self.statedir.mkdir(parents=True, exist_ok=True)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         os.chmod(self.mountpoint, 0o755)
@@ -97,7 +98,8 @@ class ClusterNode:
         return [*args, "-f"]
 
     def spawn(self, join: str | None = None) -> None:
-        """Start the node process (not waiting for its mount)."""
+        """Start the node process (not waiting for its mount), with `self.env` added to
+        the environment."""
         assert not self.alive(), f"{self.name} is already running (pid {self.pid})"
         if is_mounted(self.mountpoint):  # a dead mount left by kill -9
             self.detach_dead_mount()
@@ -105,7 +107,8 @@ class ClusterNode:
             log.write(f"--- test: starting {self.name} (join={join})\n".encode())
             log.flush()
             proc = subprocess.Popen(
-                self.mount_args(join), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                self.mount_args(join), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env={**os.environ, **self.env},
             )
         self.proc = proc
         self.cluster.all_procs.append(proc)
