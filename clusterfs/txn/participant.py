@@ -15,8 +15,9 @@ and leader messages only from the view's leader.
 - Commit: decided batches are applied strictly in sequence order (`ApplyBatch`), then
   acknowledged. A participant that learns of commits it cannot apply (a lost message, a
   catch-up order) fetches the committed batches from the leader or the named source
-  (`FetchLog`/`LogEntries`). When that peer's log no longer reaches back, it asks the
-  driver for a snapshot of the peer's replica (`NeedSnapshot`), then fetches the batches
+  (`FetchLog`/`LogEntries`). When that peer's log no longer reaches back, or the gap is
+  wider than `snapshot_gap_records`, it asks the driver for a snapshot of the peer's
+  replica (`NeedSnapshot`), then fetches the batches
   committed after the snapshot. Requests still waiting then fail with EIO: whether the
   snapshot holds their records is not known here.
 - Survey: it reports its applied sequence and its durable prepared batches; an older
@@ -71,6 +72,9 @@ class ParticipantConfig:
     resend_interval_s: float = 0.2
     log_keep_batches: int = 10_000
     max_fetch_batches: int = 1000
+    # Further behind than this, a snapshot is faster than replaying the log (and a joiner
+    # that replays for long holds up the leader's settling, and with it every commit).
+    snapshot_gap_records: int = 10_000
 
 
 @dataclass(slots=True)
@@ -364,6 +368,12 @@ class Participant:
         assert self.view is not None
         self._fetch_at_s = now_s + self.config.resend_interval_s
         source = self._source or self.view.leader
+        gap = self._known_committed_seq - self.applied_seq
+        if gap > self.config.snapshot_gap_records:
+            if self._snapshot_asked:
+                return []  # the driver is fetching one
+            self._snapshot_asked = True
+            return [NeedSnapshot(source, f"{gap} records behind")]
         return [Send(source, FetchLog(self.view.epoch, self.applied_seq + 1))]
 
     def _ack(self) -> Send:

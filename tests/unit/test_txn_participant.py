@@ -214,6 +214,18 @@ def test_after_a_snapshot_it_acks_and_fetches_what_was_committed_since() -> None
         ApplyBatch(batch(11, b"y", b"z")), Send("n0", Ack(5, "n1", 12))]
 
 
+def test_far_behind_it_asks_for_a_snapshot_without_replaying_the_log() -> None:
+    participant = Participant("n1", config=ParticipantConfig(snapshot_gap_records=100))
+    participant.on_view(VIEW, 0.0)
+    assert participant.on_message("n0", CatchUp(5, 100, "n2"), 0.0) == [
+        Send("n2", FetchLog(5, 1))]
+    participant = Participant("n1", config=ParticipantConfig(snapshot_gap_records=100))
+    participant.on_view(VIEW, 0.0)
+    actions = participant.on_message("n0", CatchUp(5, 101, "n2"), 0.0)
+    assert actions == [NeedSnapshot("n2", "101 records behind")]
+    assert participant.tick(1.0) == []  # the driver is on it
+
+
 def test_a_failed_snapshot_is_asked_for_again() -> None:
     participant = joined()
     participant.on_message("n0", CatchUp(5, 3, "n2"), 0.0)
