@@ -69,13 +69,15 @@ class ClusterNode:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}  # for this node's process only (test fault injection)
+        self.host = "127.0.0.1"  # another address for a node in a network namespace
+        self.prefix: list[str] = []  # a command that runs the node, e.g. nsenter --net=...
         self.statedir.mkdir(parents=True, exist_ok=True)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         os.chmod(self.mountpoint, 0o755)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -107,7 +109,8 @@ class ClusterNode:
             log.write(f"--- test: starting {self.name} (join={join})\n".encode())
             log.flush()
             proc = subprocess.Popen(
-                self.mount_args(join), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                [*self.prefix, *self.mount_args(join)], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=log,
                 env={**os.environ, **self.env},
             )
         self.proc = proc
