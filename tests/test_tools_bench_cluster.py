@@ -102,3 +102,28 @@ def test_nothing_left_behind(report: dict[str, Any]) -> None:
         leftover = [line for line in f if "bench_cluster-" in line]
     assert not leftover, leftover
     assert not list(Path(report["_workdir"]).iterdir()), "work directory not removed"
+
+
+def test_membership_figures(tmp_path: Path) -> None:
+    """`--membership` on a tiny namespace: every figure is there and plausible, and the
+    cluster it made (four nodes by the end) is gone afterwards."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--membership", "--entries", "500", "--json",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(proc.stdout)
+    for key in ("follower_killed", "leader_killed"):
+        fig = figures[key]
+        assert 0 < fig["removed_s"] < 60 and 0 < fig["first_create_s"] < 60, fig
+        assert fig["new_epoch"] > 3, fig  # three joins made epoch 3; the removal is later
+    assert figures["entries"] == 500 and figures["fill_s"] > 0
+    join = figures["join"]
+    assert 0 < join["join_mount_s"] <= join["join_online_s"] < 60, join
+    assert join["by_snapshot"] is False  # 500 entries: the log reaches back
+    during = join["create_during_join_ms"]
+    assert during["count"] > 0 and 0 < during["p50"] <= during["p99"] <= during["max"]
+    with open("/proc/self/mountinfo") as f:
+        assert not [line for line in f if str(tmp_path) in line]
+    assert not list(tmp_path.iterdir()), "work directory not removed"

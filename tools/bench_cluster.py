@@ -39,11 +39,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import multiprocessing
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -827,6 +829,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="parent of the scratch directory for the nodes (default /tmp)")
     p.add_argument("--keep", action="store_true",
                    help="keep the scratch directory (node logs and state) afterwards")
+    p.add_argument("--membership", action="store_true",
+                   help="measure failure detection and a join instead of the operations")
+    p.add_argument("--entries", type=int, default=100_000,
+                   help="namespace size for the --membership join (default 100000)")
     return p.parse_args(argv)
 
 
@@ -886,6 +892,167 @@ def measure_idle(clusters: dict[int, Cluster]) -> None:
         cluster.idle_cpu = (cluster.daemon_cpu_s() - before[size]) / elapsed_s
 
 
+# ----- membership: failure detection and a join into a big namespace -----------------------
+#
+# `--membership` runs this instead of the operation phases: on a 3-node cluster, the time
+# from kill -9 of a follower (and then of the leader) until the survivors' view no longer
+# holds it, and until a create through a survivor succeeds again; then the namespace is
+# filled to --entries entries (files in directories of 1,000, by 16 client processes over
+# the three nodes) and a fourth node joins while one client creates files through n1 one
+# after another, timing each: the join's time to a live mount and to online, and the
+# commit latency before and during the join.
+
+
+VIEW_LINE = re.compile(r"^(\S+ \S+) \S+ INFO view (\d+): members (.*), leader (\S+)$")
+
+
+def view_change_after(node: Node, gone: str, since_s: float,
+                      timeout_s: float = 60.0) -> tuple[float, int]:
+    """The wall-clock time and epoch of the first view in `node`'s log, installed after
+    `since_s`, without `gone` (the log is the node's own record of when it installed it;
+    `clusterfs status` would wait for the dead member's answer)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in node.log_path.read_text(errors="replace").splitlines():
+            match = VIEW_LINE.match(line)
+            if not match or gone in match.group(3).split(", "):
+                continue
+            stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
+            at_s = stamp.timestamp()
+            if at_s >= since_s:
+                return at_s, int(match.group(2))
+        time.sleep(0.1)
+    raise BenchError(f"{gone} still in {node.name}'s view after {timeout_s:.0f} s")
+
+
+def time_create(path: Path) -> float:
+    start = time.perf_counter()
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    return time.perf_counter() - start
+
+
+def kill_and_measure(cluster: Cluster, victim: Node, survivor: Node) -> dict[str, float]:
+    """kill -9 `victim`; seconds until `survivor` installs a view without it and until a
+    create through `survivor` succeeds; then the victim is restarted (catching up) and the
+    cluster waits until all are online again."""
+    assert victim.proc is not None
+    probe = survivor.mountpoint / f"after-{victim.name}-{time.monotonic_ns()}"
+    killed_at_s = time.time()
+    victim.proc.kill()
+    victim.proc.wait()
+    time_create(probe)
+    first_create_s = time.time() - killed_at_s
+    removed_at_s, epoch = view_change_after(survivor, victim.name, killed_at_s - 0.01)
+    subprocess.run(["umount", "-l", str(victim.mountpoint)], check=False, timeout=60)
+    victim.start(None)
+    wait_online(cluster)
+    return {"removed_s": removed_at_s - killed_at_s, "first_create_s": first_create_s,
+            "new_epoch": float(epoch)}
+
+
+def fill_namespace(cluster: Cluster, entries: int) -> float:
+    """Create `entries` entries (directories of 1,000 files) with 16 client processes over
+    the nodes; returns the seconds it took."""
+    per_dir = 1000
+    dirs = max(1, entries // (per_dir + 1))
+    jobs = [(str(cluster.nodes[d % len(cluster.nodes)].mountpoint / "fill" / f"d{d}"), per_dir)
+            for d in range(dirs)]
+    (cluster.nodes[0].mountpoint / "fill").mkdir()
+    start = time.monotonic()
+    with multiprocessing.get_context("fork").Pool(16) as pool:
+        pool.map(_fill_dir, jobs, chunksize=1)
+    return time.monotonic() - start
+
+
+def _fill_dir(job: tuple[str, int]) -> None:
+    directory, count = job
+    os.mkdir(directory)
+    for k in range(count):
+        os.close(os.open(f"{directory}/f{k}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+
+
+def join_and_measure(work: Path, cluster: Cluster, cfg: Config) -> dict[str, Any]:
+    """A fourth node joins while a client on n1 creates files one after another."""
+    first = cluster.nodes[0]
+    root = first.mountpoint.parent
+    newcomer = Node(f"n{len(cluster.nodes) + 1}", root, first.blocks, cfg.pin_cpu)
+    lane = first.mountpoint / "during-join"
+    lane.mkdir()
+    before = sorted(time_create(lane / f"before{k}") for k in range(200))
+    during: list[float] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        k = 0
+        while not stop.is_set():
+            during.append(time_create(lane / f"during{k}"))
+            k += 1
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    try:
+        cluster.nodes.append(newcomer)
+        newcomer.start(first.listen)
+        mounted_s = time.monotonic() - start
+        wait_online(cluster)
+        online_s = time.monotonic() - start
+    finally:
+        stop.set()
+        thread.join(60)
+    during.sort()
+    text = newcomer.log_path.read_text(errors="replace")
+    return {
+        "join_mount_s": mounted_s, "join_online_s": online_s,
+        "by_snapshot": "installed the snapshot" in text,
+        "create_before_join_ms": {"p50": 1e3 * before[len(before) // 2],
+                                  "p99": 1e3 * before[int(len(before) * 0.99)],
+                                  "max": 1e3 * before[-1]},
+        "create_during_join_ms": {"p50": 1e3 * during[len(during) // 2] if during else 0.0,
+                                  "p99": 1e3 * during[int(len(during) * 0.99)] if during
+                                  else 0.0,
+                                  "max": 1e3 * during[-1] if during else 0.0,
+                                  "count": len(during)},
+    }
+
+
+def membership_bench(work: Path, cfg: Config, entries: int) -> dict[str, Any]:
+    figures: dict[str, Any] = {"entries": entries}
+    with running_cluster(work, CLUSTER_NODES, cfg) as cluster:
+        leader = cluster.nodes[cluster.leader_index()]
+        followers = [n for n in cluster.nodes if n is not leader]
+        log("kill -9 of a follower")
+        figures["follower_killed"] = kill_and_measure(cluster, followers[0], leader)
+        log("kill -9 of the leader")
+        figures["leader_killed"] = kill_and_measure(cluster, leader, followers[0])
+        log(f"filling the namespace with {entries} entries")
+        figures["fill_s"] = fill_namespace(cluster, entries)
+        log("a fourth node joins")
+        figures["join"] = join_and_measure(work, cluster, cfg)
+    return figures
+
+
+def membership_lines(figures: dict[str, Any]) -> list[str]:
+    join = figures["join"]
+    lines = []
+    for key, what in (("follower_killed", "follower"), ("leader_killed", "leader")):
+        f = figures[key]
+        lines.append(f"kill -9 of the {what}: removed from the view after {f['removed_s']:.2f} s"
+                     f"; first create through a survivor returned after "
+                     f"{f['first_create_s']:.2f} s")
+    lines.append(f"namespace filled to {figures['entries']:,} entries in "
+                 f"{figures['fill_s']:.0f} s")
+    lines.append(f"join of a fourth node: mount live after {join['join_mount_s']:.2f} s, "
+                 f"online in every member's view after {join['join_online_s']:.2f} s "
+                 f"({'by snapshot' if join['by_snapshot'] else 'by log'})")
+    for key, what in (("create_before_join_ms", "before the join"),
+                      ("create_during_join_ms", "during the join")):
+        f = join[key]
+        lines.append(f"create latency on n1 {what}: p50 {f['p50']:.2f} ms, p99 {f['p99']:.2f}"
+                     f" ms, max {f['max']:.2f} ms")
+    return lines
+
+
 def remove_work(work: Path, keep: bool) -> None:
     with open("/proc/self/mountinfo") as f:
         mounted = [line.split()[4] for line in f if f" {work}/" in line]
@@ -907,6 +1074,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_cluster-", dir=args.workdir))
     log(f"command: {shlex.join(sys.orig_argv)}; work dir {work}")
     started = time.monotonic()
+    if args.membership:
+        return membership_main(work, cfg, args)
     try:
         out = bench(work, cfg)
     except KeyboardInterrupt as exc:
@@ -927,6 +1096,23 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"! {e}" for e in out.errors]
         print("\n".join(lines))
     return 1 if errors else 0
+
+
+def membership_main(work: Path, cfg: Config, args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    try:
+        figures = membership_bench(work, cfg, args.entries)
+    except KeyboardInterrupt as exc:
+        log(f"interrupted ({exc}); cleaned up")
+        return 130
+    except (OSError, BenchError, subprocess.SubprocessError) as exc:
+        log(f"membership run failed: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        remove_work(work, args.keep)
+    log(f"done in {time.monotonic() - started:.0f} s")
+    print(json.dumps(figures, indent=2) if args.json else "\n".join(membership_lines(figures)))
+    return 0
 
 
 if __name__ == "__main__":
