@@ -3,6 +3,8 @@
 
 Usage: python tools/bench_cluster.py [--ops N] [--clients 1,4,16] [--pin CPU] [--json]
                                      [--workdir DIR] [--phase-limit-s S] [--keep]
+       python tools/bench_cluster.py --membership [--entries N] [--json] [--workdir DIR]
+                                     (failure detection and a join: see "membership" below)
 
 Theory of operation: one run formats two block directories and starts two clusters on
 loopback, a 1-node cluster (the single-node figures: the same code path, one member) and a
