@@ -39,10 +39,12 @@ from clusterfs.txn.actions import (
 from clusterfs.txn.coordinator import CoordinatorConfig
 from clusterfs.txn.member import Member
 from clusterfs.txn.messages import Batch
-from clusterfs.txn.participant import Participant
+from clusterfs.txn.participant import Participant, ParticipantConfig
 from clusterfs.txn.view import View
 
 NAMES = (b"a", b"b", b"c")
+# A short log, so that restarted and lagging members also catch up by snapshot.
+PARTICIPANT_CONFIG = ParticipantConfig(log_keep_batches=2, snapshot_gap_records=6)
 Key = tuple[str, int]  # (origin node, request id)
 
 
@@ -90,6 +92,7 @@ class SimNode:
     replica: DictReplica = field(default_factory=DictReplica)
     applied: list[tuple[int, Key, AnyRecord]] = field(default_factory=list)
     prepared: dict[int, Batch] = field(default_factory=dict)
+    batches: list[Batch] = field(default_factory=list)  # applied, for its restored log
     crashed: bool = False
     fail_next_log: bool = False
 
@@ -111,14 +114,14 @@ class Cluster:
         self.now_s = 0.0
         self._events: list[tuple[float, int, object]] = []
         self._counter = itertools.count()
-        config = CoordinatorConfig(resend_interval_s=0.1, prepare_timeout_s=1.0,
-                                   ack_timeout_s=1.0, survey_timeout_s=1.0)
-        self.nodes = {f"n{i}": SimNode(f"n{i}", Member(Participant(f"n{i}"), config))
-                      for i in range(size)}
+        self.config = CoordinatorConfig(resend_interval_s=0.1, prepare_timeout_s=1.0,
+                                        ack_timeout_s=1.0, survey_timeout_s=1.0)
+        self.nodes = {f"n{i}": SimNode(f"n{i}", Member(
+            Participant(f"n{i}", config=PARTICIPANT_CONFIG), self.config)) for i in range(size)}
         self.view = View(1, tuple(self.nodes), "n0")
         self.captured: dict[Key, AnyRecord] = {}
         self.answers: dict[Key, int] = {}
-        self.snapshot_needed: set[str] = set()
+        self.abandoned: set[Key] = set()  # requests of a node that crashed before answering
         self.seen: set[str] = set()  # message kinds sent, for statistics
         self.stalled = False
         self.isolated: dict[str, float] = {}  # node -> until when its messages are lost
@@ -212,7 +215,8 @@ class Cluster:
         elif isinstance(action, RemoveMember) and node.member.view == self.view:
             self.remove(action.node)  # only the current leader is heard
         elif isinstance(action, NeedSnapshot):
-            self.snapshot_needed.add(node.name)
+            self.seen.add("snapshot")
+            self._schedule(self._delay_s(), ("snapshot", node.name, action.source))
 
     def _apply(self, node: SimNode, batch: Batch) -> None:
         expected = node.applied[-1][0] + 1 if node.applied else 1
@@ -222,6 +226,40 @@ class Cluster:
             key = (entry.origin, entry.request_id)
             node.applied.append((batch.first_seq + offset, key, entry.record))
         node.prepared = {s: b for s, b in node.prepared.items() if s > batch.last_seq}
+        node.batches.append(batch)
+
+    def _install_snapshot(self, node: SimNode, source_name: str) -> list[Action]:
+        """The driver's part: copy the source's replica as it is now (if it is up)."""
+        source = self.nodes[source_name]
+        participant = node.member.participant
+        if source.crashed:
+            return participant.snapshot_failed(self.now_s)
+        if len(source.applied) > len(node.applied):
+            node.applied = list(source.applied)
+            node.replica = DictReplica()
+            for _, _, record in node.applied:
+                node.replica.apply(record)
+            node.batches = list(source.batches)
+            node.prepared = {s: b for s, b in node.prepared.items() if s > len(node.applied)}
+        kept = tuple(node.batches[-PARTICIPANT_CONFIG.log_keep_batches:])
+        return participant.installed_snapshot(len(node.applied), kept, self.now_s)
+
+    def restart(self, name: str) -> None:
+        """A crashed node starts again from what it made durable, and is admitted again."""
+        node = self.nodes[name]
+        applied_seq = len(node.applied)
+        prepared = tuple(b for s, b in sorted(node.prepared.items()) if s > applied_seq)
+        kept = tuple(node.batches[-PARTICIPANT_CONFIG.log_keep_batches:])
+        first_id = 1 + max((rid for origin, rid in self.captured if origin == name), default=0)
+        self.abandoned |= {key for key in self.captured
+                           if key[0] == name and key not in self.answers}
+        node.member = Member(Participant(name, applied_seq, prepared, kept, PARTICIPANT_CONFIG,
+                                         first_request_id=first_id), self.config)
+        node.crashed = False
+        self.seen.add("restart")
+        members = self.view.members + (() if name in self.view.members else (name,))
+        leader = self.view.leader if not self.nodes[self.view.leader].crashed else name
+        self.install(members, leader, members)
 
     def _reply(self, node: SimNode, reply: Reply) -> None:
         key = (node.name, reply.request_id)
@@ -245,6 +283,8 @@ class Cluster:
             actions = member.logged(event[2], event[3], event[4], now_s, "disk full")
         elif kind == "validated":
             actions = member.validated(event[2], event[3], event[4], now_s)
+        elif kind == "snapshot":
+            actions = self._install_snapshot(node, event[2])
         else:
             actions = member.on_view(event[2], now_s)
         self._perform(node, actions)
@@ -319,6 +359,13 @@ class CommitModel(RuleBasedStateMachine):
         if victim == self.cluster.view.leader:
             self.cluster.remove(victim, tell=False)
 
+    @precondition(lambda self: any(n.crashed for n in self.cluster.nodes.values()))
+    @rule(index=st.integers(0, 4))
+    def restart(self, index: int) -> None:
+        """A crashed node starts again from its durable state and re-joins."""
+        crashed = [n.name for n in self.cluster.nodes.values() if n.crashed]
+        self.cluster.restart(crashed[index % len(crashed)])
+
     @precondition(lambda self: len(self._live_members()) >= 3)
     @rule()
     def depose_leader(self) -> None:
@@ -380,7 +427,8 @@ class CommitModel(RuleBasedStateMachine):
         event(f"epochs: {min(cluster.view.epoch, 4)}+")
         applied = max(len(n.applied) for n in cluster.nodes.values())
         event(f"records applied: {min(applied, 10) // 5 * 5}+")
-        for kind in ("CatchUp", "LogEntries", "Refused", "redrive", "Decide-abort"):
+        for kind in ("CatchUp", "LogEntries", "Refused", "redrive", "Decide-abort",
+                     "snapshot", "restart"):
             event(f"{kind}: {kind in cluster.seen}")
 
 
@@ -400,8 +448,6 @@ def check_logs(cluster: Cluster) -> None:
 def check_quiet(cluster: Cluster) -> None:
     """Once quiet: members are identical, equal a replay of the log, and answered all."""
     members = [cluster.nodes[m] for m in cluster.view.members if not cluster.nodes[m].crashed]
-    if cluster.snapshot_needed & {m.name for m in members}:
-        return  # fell out of every log: re-joins by snapshot (membership layer)
     reference = members[0]
     model = DictReplica()
     for _, _, record in reference.applied:
@@ -418,7 +464,7 @@ def check_quiet(cluster: Cluster) -> None:
     if cluster.stalled:
         return
     for key in cluster.captured:
-        if key[0] in {m.name for m in members}:
+        if key[0] in {m.name for m in members} and key not in cluster.abandoned:
             assert key in cluster.answers, f"{key} never answered"
 
 
