@@ -12,9 +12,11 @@ import fcntl
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import trio
 
@@ -28,6 +30,7 @@ log = logging.getLogger("clusterfs")
 LOCK_FILE = "lock"
 PID_FILE = "clusterfs.pid"
 LOG_FILE = "clusterfs.log"
+PROGRESS_PREFIX = "progress: "  # a line from the starting daemon to show, not its verdict
 LEAVE_TIMEOUT_S = 30.0
 
 
@@ -115,19 +118,46 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _daemonize(args: argparse.Namespace) -> int:
-    """Fork; the parent returns once the child's mount is live (or with its one-line error)."""
+    """Fork; the parent returns once the child's mount is live (or with its one-line error),
+    showing the child's progress lines (a long catch-up) meanwhile."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as pipe:
-            message = pipe.read().decode(errors="replace").strip()
+            message = _relay_progress(pipe)
         if message == "ok":
             return 0
         os.waitpid(pid, 0)
         raise UsageError(message or f"mount failed (see {Path(args.state) / LOG_FILE})")
     os.close(read_fd)
     os._exit(_daemon_child(args, write_fd))
+
+
+def _relay_progress(pipe: BinaryIO) -> str:
+    """Print the child's `progress` lines to stderr; return its final message."""
+    for raw in pipe:
+        line = raw.decode(errors="replace").rstrip("\n")
+        if line.startswith(PROGRESS_PREFIX):
+            print(line.removeprefix(PROGRESS_PREFIX), file=sys.stderr, flush=True)
+        else:
+            return line.strip()
+    return ""
+
+
+class _ProgressToPipe(logging.Handler):
+    """Forwards the node's progress lines to the waiting parent until the mount is live."""
+
+    def __init__(self, write_fd: int) -> None:
+        super().__init__(logging.INFO)
+        self.write_fd: int | None = write_fd
+        self.guard = threading.Lock()  # progress comes from worker threads
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage().replace("\n", " ")
+        with self.guard, contextlib.suppress(OSError):
+            if self.write_fd is not None:
+                os.write(self.write_fd, f"{PROGRESS_PREFIX}{line}\n".encode())
 
 
 def _daemon_child(args: argparse.Namespace, write_fd: int) -> int:
@@ -139,10 +169,14 @@ def _daemon_child(args: argparse.Namespace, write_fd: int) -> int:
     os.dup2(out, 1)
     os.dup2(out, 2)
     _setup_logging(args.verbose)
+    to_parent = _ProgressToPipe(write_fd)
+    logging.getLogger("clusterfs.progress").addHandler(to_parent)
 
     def ready() -> None:
-        os.write(write_fd, b"ok\n")
-        os.close(write_fd)
+        with to_parent.guard:  # no progress line may go to a closed (or reused) fd
+            to_parent.write_fd = None
+            os.write(write_fd, b"ok\n")
+            os.close(write_fd)
 
     try:
         _run_node(args, ready)

@@ -69,6 +69,9 @@ from clusterfs.txn.participant import Participant, ParticipantConfig
 from clusterfs.txn.view import View
 
 log = logging.getLogger(__name__)
+# What a joining or restarting node reports while it catches up: `clusterfs mount` shows
+# these lines on the terminal until the mount is live (cli.py); they are in the log too.
+progress = logging.getLogger("clusterfs.progress")
 
 APPLIED_SEQ = b"applied_seq"
 # Committed batches kept for catching up by log; a replica further behind installs a
@@ -417,7 +420,7 @@ class CommitDriver:
 
     # -- snapshots: a replica too far behind the others' logs copies one of theirs -------------
     def _ask_snapshot(self, source: str, reason: str) -> None:
-        log.warning("catching up by snapshot from %s: %s", source, reason)
+        progress.warning("catching up by snapshot from %s: %s", source, reason)
         self._snapshot_source = source
         view = self.member.view
         self._send_frame(source, encode(SnapshotRequest(view.epoch if view else 0)))
@@ -476,8 +479,8 @@ class CommitDriver:
             return
         finally:
             await trio.to_thread.run_sync(shutil.rmtree, path, True)
-        log.warning("installed the snapshot from %s (through sequence %d) in %.1f s",
-                    source, applied_seq, time.monotonic() - started_s)
+        progress.warning("installed the snapshot from %s (through sequence %d) in %.1f s",
+                         source, applied_seq, time.monotonic() - started_s)
         self._events_in.send_nowait(_SnapshotInstalled(True, applied_seq, tail))
 
     def _store_snapshot(self, path: Path, source: str) -> tuple[int, list[bytes]]:
@@ -485,14 +488,14 @@ class CommitDriver:
             cluster_id = view.get_meta(CLUSTER_ID) or b""
         reported = [-1]
 
-        def progress(copied: int, total: int) -> None:
+        def report(copied: int, total: int) -> None:
             percent = 100 * copied // max(total, 1)
             if percent >= reported[0] + 10 or copied == total:
                 reported[0] = percent
-                log.warning("snapshot from %s: %d of %d entries (%d%%)", source, copied,
-                            total, percent)
+                progress.warning("snapshot from %s: %d of %d entries (%d%%)", source,
+                                 copied, total, percent)
 
-        return self._store.install_snapshot(path, cluster_id, progress)
+        return self._store.install_snapshot(path, cluster_id, report)
 
     def _notify(self) -> None:
         self.changed.set()

@@ -6,8 +6,13 @@ behind are covered: a restart after being killed, and a new node joining late.""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +86,46 @@ def test_a_node_joining_a_cluster_with_a_long_history_joins_by_snapshot(
     c.start_node(3)  # joins through n1
     _expect_everywhere(c, history)
     _caught_up_by_snapshot(c, 3)
+
+
+def test_clusterfs_mount_shows_the_progress_of_a_snapshot_until_the_mount_is_live(
+        new_cluster: Callable[..., Cluster]) -> None:
+    """The daemonizing `clusterfs mount --join` prints the catch-up's progress on stderr
+    (the terminal of the operator who typed it) and returns once the mount is live."""
+    c = new_cluster(4, start=False)
+    c.format()
+    for i in range(3):
+        c.start_node(i)
+    history = _change_many(c, 0, "history")
+    joiner = c.nodes[3]
+    argv = joiner.mount_args(c.nodes[0].address)
+    assert argv[-1] == "-f"
+    proc = subprocess.run(argv[:-1], capture_output=True, text=True, timeout=120, check=False)
+    pid_file = joiner.statedir / "clusterfs.pid"
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert os.path.ismount(joiner.mountpoint)
+        lines = proc.stderr.splitlines()
+        assert any(line.startswith("catching up by snapshot from n1") for line in lines), lines
+        assert any(line.startswith("snapshot from n1: ") and line.endswith("(100%)")
+                   for line in lines), lines
+        assert any(line.startswith("installed the snapshot from n1") for line in lines), lines
+        for rel, data in history.items():
+            assert (joiner.mountpoint / rel).read_bytes() == data
+    finally:
+        _stop_daemon(int(pid_file.read_text()) if pid_file.exists() else None,
+                     joiner.mountpoint)
+
+
+def _stop_daemon(pid: int | None, mountpoint: Path) -> None:
+    """SIGTERM the daemon by PID and wait for it; a mount left behind is detached."""
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+    if os.path.ismount(mountpoint):
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False, timeout=60)
