@@ -19,6 +19,7 @@ the same function (`namespace.apply`), in the order of the global sequence numbe
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import math
@@ -78,7 +79,13 @@ APPLIED_SEQ = b"applied_seq"
 # snapshot. Tests shorten it through the environment to exercise snapshots quickly.
 LOG_KEEP_BATCHES = int(os.environ.get("CLUSTERFS_TEST_LOG_KEEP_BATCHES", "10000"))
 SNAPSHOT_MAX_AGE_S = 3600.0  # a snapshot left behind by an asker that died is removed then
-_SNAPSHOT_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,100}")
+_SNAPSHOT_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def valid_snapshot_token(token: str) -> bool:
+    """A plain name in the snapshot area: never "..", never a path (the answer comes from
+    the network, and the asker removes that directory once it is done)."""
+    return _SNAPSHOT_TOKEN.fullmatch(token) is not None
 LAZY_DELAY_S = 0.2  # how long a lazy record waits for company
 INLINE_APPLY_RECORDS = 64  # bigger batches are applied in a worker thread
 IDLE_FLUSH_DELAY_S = 0.02  # quiet time after which applied batches are flushed
@@ -450,8 +457,9 @@ class CommitDriver:
     def _copy_snapshot(self, token: str) -> int:
         self._snapshots_dir.mkdir(parents=True, exist_ok=True)
         for old in self._snapshots_dir.iterdir():
-            if time.time() - old.stat().st_mtime > SNAPSHOT_MAX_AGE_S:
-                shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(OSError):  # another node may be removing it too
+                if time.time() - old.stat().st_mtime > SNAPSHOT_MAX_AGE_S:
+                    shutil.rmtree(old, ignore_errors=True)
         return self._store.copy_snapshot(self._snapshots_dir / token)
 
     def _on_snapshot_ready(self, sender: str, ready: SnapshotReady, now_s: float
@@ -459,7 +467,7 @@ class CommitDriver:
         if sender != self._snapshot_source:
             return []  # not asked, or already being installed
         self._snapshot_source = None
-        if ready.error or not _SNAPSHOT_TOKEN.fullmatch(ready.token):
+        if ready.error or not valid_snapshot_token(ready.token):
             log.warning("no snapshot from %s: %s", sender, ready.error or "a malformed answer")
             return self.member.participant.snapshot_failed(now_s)
         assert self._nursery is not None

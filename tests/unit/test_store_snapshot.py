@@ -11,7 +11,7 @@ import pytest
 from clusterfs import records
 from clusterfs.namespace import apply, initialise
 from clusterfs.store import CLUSTER_ID, SnapshotError, Store
-from clusterfs.txn.driver import APPLIED_SEQ
+from clusterfs.txn.driver import APPLIED_SEQ, valid_snapshot_token
 from clusterfs.txn.messages import Batch, Entry, decode_batch, encode_batch
 
 CLUSTER = b"cluster-a"
@@ -100,3 +100,13 @@ def test_a_snapshot_is_never_written_over_an_existing_one(source: Store, tmp_pat
     (tmp_path / "snap").mkdir()
     with pytest.raises(FileExistsError):
         source.copy_snapshot(tmp_path / "snap")
+
+
+@pytest.mark.parametrize(("token", "valid"), [
+    ("n3-0123abcd", True), ("a", True), ("n1.x_y-z", True),
+    ("..", False), (".", False), ("", False), ("../x", False), ("a/b", False),
+    ("-rf", False), ("x" * 101, False), ("n3\n", False),
+])
+def test_only_plain_names_are_snapshot_tokens(token: str, valid: bool) -> None:
+    """The asker removes the directory a token names: it must stay in the snapshot area."""
+    assert valid_snapshot_token(token) is valid
