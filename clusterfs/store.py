@@ -348,10 +348,10 @@ class Store:
     def install_snapshot(self, directory: Path, cluster_id: bytes,
                          progress: SnapshotProgress | None = None) -> tuple[int, list[bytes]]:
         """Replace the replicated state (namespace, counters, commit log) by that of the
-        snapshot in `directory`, in one flushed transaction, and drop every prepared batch;
-        this node's own metadata (view, acceptor state, cluster id) and the prepared batches
-        after the snapshot stay. Returns the snapshot's applied sequence and its commit log
-        (encoded batches, oldest first)."""
+        snapshot in `directory`, in one flushed transaction, and drop the prepared batches
+        that the snapshot holds; this node's own metadata (view, acceptor state, cluster id)
+        and its prepared batches after the snapshot stay. Returns the snapshot's applied
+        sequence and its commit log (encoded batches, oldest first)."""
         source = lmdb.open(str(directory), readonly=True, lock=False, max_dbs=len(_DB_NAMES))
         try:
             with source.begin(buffers=False) as src:  # copies: 8x faster here than buffers
