@@ -108,6 +108,8 @@ class Transport:
         try:
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer takes its name back
+            # A peer announcing a bigger frame is disconnected before ZeroMQ allocates it.
+            router.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES)
             try:
                 router.bind(listen)
             except zmq.ZMQError as exc:

@@ -1,5 +1,6 @@
-"""A peer that speaks garbage: raw bytes on a node's port, and well-formed ZeroMQ messages
-whose contents are garbage, on every channel, under names that are not members'. Every node
+"""A peer that speaks garbage: raw bytes on a node's port, well-formed ZeroMQ messages whose
+contents are garbage, on every channel, under names that are not members', and a frame
+announced far over the size limit (the node hangs up instead of allocating it). Every node
 stays up (the shared-cluster fixture fails the test on a death or an ERROR line), the
 namespace does not change, and the file system goes on working.
 
@@ -74,6 +75,30 @@ def _zmq_garbage(address: str, identity: bytes, rng: random.Random) -> None:
         context.term()
 
 
+def _announce_huge_frame(address: str) -> bool:
+    """Speak ZMTP 3.0 (NULL mechanism) by hand and announce a 16 GiB frame without sending
+    it; True if the node closes the connection instead of waiting to allocate it."""
+    host, port = address.rsplit(":", 1)
+    greeting = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
+                + b"\x00" + bytes(31))
+    props = b"".join(bytes([len(k)]) + k + len(v).to_bytes(4, "big") + v
+                     for k, v in ((b"Socket-Type", b"DEALER"), (b"Identity", b"huge")))
+    ready = b"\x05READY" + props
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(greeting + b"\x04" + bytes([len(ready)]) + ready)
+        sock.sendall(b"\x02" + (16 << 30).to_bytes(8, "big") + b"x" * 100)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if sock.recv(4096) == b"":
+                    return True
+            except ConnectionResetError:
+                return True
+            except TimeoutError:
+                return False
+    return False
+
+
 def test_garbage_from_a_peer_changes_nothing_and_crashes_nothing(
         shared_cluster: Cluster, croot: str) -> None:
     c = shared_cluster
@@ -85,6 +110,7 @@ def test_garbage_from_a_peer_changes_nothing_and_crashes_nothing(
         _raw_garbage(node.address, rng)
         _zmq_garbage(node.address, b"stranger", rng)
         _zmq_garbage(node.address, rng.randbytes(16), rng)
+        assert _announce_huge_frame(node.address), f"{node.name} kept the connection"
     after = c.wait_quiet_digests()
     assert {(n["digest"], n["applied_seq"]) for n in after["nodes"]} == {(digest, applied_seq)}
     assert not (c.blockdir / "etc").exists()
