@@ -22,8 +22,10 @@ import trio
 
 from clusterfs import fsck, status
 from clusterfs.blockdir import BlockDirError, format_blockdir, open_blockdir
+from clusterfs.membership.driver import stored_view
 from clusterfs.node import NodeConfig, NodeError, open_replica, run
 from clusterfs.status import StatusError
+from clusterfs.store import Store
 
 log = logging.getLogger("clusterfs")
 
@@ -207,12 +209,26 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         if not args.repair:
             print("problems found; run again with --repair to fix what can be fixed")
             return 1
+        _refuse_repair_of_a_member(store, state_dir)
         fsck.repair(store, blockdir, report)
         print("repaired")
         return 0
     finally:
         store.close()
         os.close(lock_fd)
+
+
+def _refuse_repair_of_a_member(store: Store, state_dir: Path) -> None:
+    """Repairs change this replica alone and take what it does not know for damage: on a
+    member of a cluster of several nodes, whose replica may be behind the others, that
+    would remove files made since, and purge inodes on one replica only. Such a node
+    repairs the block directory itself once it has started and caught up."""
+    view = stored_view(store)
+    if view is not None and len(view.members) > 1:
+        raise UsageError(
+            f"{state_dir}: not repaired: this node is one of {len(view.members)} members "
+            f"({', '.join(view.members)}) and its replica may be behind theirs; start it "
+            "(it repairs the block directory once it has caught up)")
 
 
 # -- status, leave ------------------------------------------------------------------------

@@ -113,3 +113,39 @@ def test_restart_of_a_node_that_missed_a_purge(new_cluster: Callable[..., Cluste
         assert sorted(os.listdir(c.mnt(i))) == ["after", "keep"]
         assert (c.mnt(i) / "keep").read_bytes() == b"kept"
     _same_trees(c)
+
+
+def test_fsck_repairs_no_member_of_a_cluster_the_node_does_it(
+        new_cluster: Callable[..., Cluster]) -> None:
+    """`fsck --repair` on one member's replica would change that replica alone (and a replica
+    behind the others would take their new files for orphans): it refuses, changes nothing,
+    and the node repairs the block directory itself once it has started and caught up."""
+    c = new_cluster(3)
+    files = _populate(c, "one", [0])
+    (c.mnt(0) / "gone").write_bytes(b"soon gone")
+    ino = os.stat(c.mnt(0) / "gone").st_ino
+    orphan = c.blockdir / "data" / f"{ino % 256:02x}" / f"{ino:x}"
+    os.unlink(c.mnt(0) / "gone")
+    deadline = time.monotonic() + 15
+    while orphan.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not orphan.exists(), "the unlinked file was not purged"
+    c.wait_quiet_digests()
+    assert c.stop() == [0, 0, 0], c.log_tails()
+    orphan.write_bytes(b"left by a crash")  # a backing file of an inode that is gone
+    n1 = c.nodes[0]
+    report = run_cli("fsck", str(c.blockdir), "--state", str(n1.statedir))
+    assert report.returncode == 1 and f"backing file {ino:x}: no inode" in report.stdout, (
+        report.stdout + report.stderr)
+    refused = run_cli("fsck", str(c.blockdir), "--state", str(n1.statedir), "--repair")
+    assert refused.returncode != 0, refused.stdout
+    assert "not repaired" in refused.stderr and "one of 3 members" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert orphan.exists()
+    c.restart_all()
+    c.wait_quiet_digests()
+    deadline = time.monotonic() + 15
+    while orphan.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not orphan.exists(), "the restarted nodes did not remove the orphaned file"
+    _check_files(c, files, [0, 1, 2])
