@@ -23,7 +23,7 @@ from clusterfs import status
 from clusterfs.blockdir import FORMAT_FILE, BlockDir, open_blockdir
 from clusterfs.filesystem import FileSystem
 from clusterfs.fuse_ops import Operations, invalidating, mount_options
-from clusterfs.membership.driver import MembershipDriver, stored_view
+from clusterfs.membership.driver import RECOVERABLE_OFFLINE, MembershipDriver, stored_view
 from clusterfs.membership.witness import Witness
 from clusterfs.namespace import initialise
 from clusterfs.registry import Registry, RegistryError, check_name
@@ -120,7 +120,7 @@ class Node:
                                    self.fs.caches_dropped)
         self.membership = MembershipDriver(
             config.name, config.listen, store, self._send_membership, self.commit,
-            Witness(self.registry.cluster_dir), self._went_offline, self._member_again)
+            Witness(self.registry.cluster_dir), self._went_offline)
         self.fs.committer = self.commit
         self.transport.on(CHANNEL_TXN, self.commit.on_frame)
         self.transport.on(CHANNEL_MEMBERSHIP, self.membership.on_frame)
@@ -140,9 +140,19 @@ class Node:
         self.fs.offline_reason = reason
         if reason.startswith("left") and self._mounted:
             pyfuse3.terminate()  # `clusterfs leave`: unmount once the view is without us
+        elif self._mounted and reason.startswith(RECOVERABLE_OFFLINE):
+            view = self.membership.view
+            log.warning("asking to be admitted again")
+            self.membership.rejoin(self._contacts(view.members if view else ()))
 
-    def _member_again(self) -> None:
-        self.fs.offline_reason = ""
+    async def _serve_when_caught_up(self) -> None:
+        """A node that went offline answers again once it is a member again and has caught
+        up (the commit layer serves), not before: its replica may be behind until then."""
+        while True:
+            await self.commit.changed.wait()
+            if self.commit.serving and self.fs.offline_reason:
+                log.warning("serving again (offline was: %s)", self.fs.offline_reason)
+                self.fs.offline_reason = ""
 
     # -- start-up ---------------------------------------------------------------------------
     def _start_membership(self) -> None:
@@ -204,6 +214,7 @@ class Node:
             self.membership.stop_rejoining()
             await nursery.start(self.fs.remove_purged)
             await nursery.start(self.fs.spares.run)
+            nursery.start_soon(self._serve_when_caught_up)
             nursery.start_soon(_stop_on_signals)
             await self._serve_mount(ready)
             nursery.cancel_scope.cancel()
@@ -240,6 +251,10 @@ class Node:
         addresses[self.config.name] = self.config.listen
         state = self.membership.state
         reason = self.membership.offline_reason if state != "online" else ""
+        if self._mounted and self.fs.offline_reason:  # the mount answers EIO meanwhile
+            state, reason = "offline", self.fs.offline_reason + {
+                "joining": "; asking to be admitted again",
+                "online": "; a member again, catching up"}.get(self.membership.state, "")
         return status.NodeStatus(
             name=self.config.name, address=self.config.listen, pid=os.getpid(), state=state,
             reason=reason, epoch=view.epoch if view is not None else 0,

@@ -36,6 +36,12 @@ VIEW = b"view"
 ACCEPTOR = b"acceptor"
 OFFLINE = b"offline"
 PERMANENT_OFFLINE = ("removed", "left", "failed")
+# A serving node that goes offline for one of these asks the others to admit it again; only
+# an online leader can, so this is safe: a node cut off by a partition comes back when the
+# partition heals. Not "left" (asked for) and not "failed" (its replica could not apply a
+# record and is not to be trusted until it is restarted).
+RECOVERABLE_OFFLINE = ("removed", "lost the majority", "no answer from the witness",
+                       "the witness of epoch")
 
 SendFrame = Callable[[str, bytes], None]
 
@@ -62,8 +68,8 @@ class MembershipDriver:
     """Runs this node's `Membership` from one trio task."""
 
     def __init__(self, name: str, address: str, store: Store, send_frame: SendFrame,
-                 commit: CommitDriver, witness: Witness, on_offline: Callable[[str], None],
-                 on_member: Callable[[], None] = lambda: None) -> None:
+                 commit: CommitDriver, witness: Witness, on_offline: Callable[[str], None]
+                 ) -> None:
         self.name = name
         self.address = address
         self._store = store
@@ -71,7 +77,6 @@ class MembershipDriver:
         self._commit = commit
         self._witness = witness
         self._on_offline = on_offline
-        self._on_member = on_member
         self._events_in, self._events = trio.open_memory_channel[ev.Event](math.inf)
         self.core: Membership | None = None
         self._rejoin_contacts: tuple[str, ...] = ()
@@ -116,6 +121,11 @@ class MembershipDriver:
     def stop_rejoining(self) -> None:
         """Once serving, a node that is removed stays offline until it is restarted."""
         self._rejoin_contacts = ()
+
+    def rejoin(self, contacts: tuple[str, ...]) -> None:
+        """Ask to be admitted again through `contacts` (a serving node that went offline)."""
+        self._rejoin_contacts = contacts
+        self._rejoin()
 
     def _rejoin(self) -> None:
         self._events_in.send_nowait(
@@ -183,8 +193,6 @@ class MembershipDriver:
         log.info("view %d: members %s, leader %s", view.epoch, ", ".join(view.members),
                  view.leader)
         self._commit.on_view(to_commit_view(view))
-        if self.name in view.members:
-            self._on_member()
 
     def _go_offline(self, reason: str) -> None:
         log.warning("going offline: %s", reason)
@@ -194,9 +202,9 @@ class MembershipDriver:
             # restart); if the others moved on meanwhile, their newer epoch tells it.
             self._put_meta(OFFLINE, reason.encode())
         self._commit.go_offline(reason)
-        self._on_offline(reason)
         if reason.startswith("removed") and self._rejoin_contacts:
-            self._rejoin()
+            self._rejoin()  # starting up: a restarted node that was removed meanwhile
+        self._on_offline(reason)  # serving: the node decides (Node._went_offline)
 
     def _put_meta(self, key: bytes, value: bytes) -> None:
         with self._store.write() as txn:
