@@ -149,10 +149,10 @@ class Node:
         """A node that went offline answers again once it is a member again and has caught
         up (the commit layer serves), not before: its replica may be behind until then."""
         while True:
-            await self.commit.changed.wait()
             if self.commit.serving and self.fs.offline_reason:
                 log.warning("serving again (offline was: %s)", self.fs.offline_reason)
                 self.fs.offline_reason = ""
+            await self.commit.changed.wait()
 
     # -- start-up ---------------------------------------------------------------------------
     def _start_membership(self) -> None:
@@ -211,6 +211,7 @@ class Node:
             self._start_membership()
             await nursery.start(self.membership.run)
             await self._wait_serving()
+            self.fs.offline_reason = ""  # what it was before it (re-)joined at start-up
             self.membership.stop_rejoining()
             await nursery.start(self.fs.remove_purged)
             await nursery.start(self.fs.spares.run)
