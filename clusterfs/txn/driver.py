@@ -74,10 +74,17 @@ log = logging.getLogger(__name__)
 # these lines on the terminal until the mount is live (cli.py); they are in the log too.
 progress = logging.getLogger("clusterfs.progress")
 
+
+def _test_setting(name: str, default: int) -> int:
+    """A positive whole number from the environment (set by tests only), else `default`."""
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else default
+
+
 APPLIED_SEQ = b"applied_seq"
 # Committed batches kept for catching up by log; a replica further behind installs a
 # snapshot. Tests shorten it through the environment to exercise snapshots quickly.
-LOG_KEEP_BATCHES = int(os.environ.get("CLUSTERFS_TEST_LOG_KEEP_BATCHES", "10000"))
+LOG_KEEP_BATCHES = _test_setting("CLUSTERFS_TEST_LOG_KEEP_BATCHES", 10_000)
 SNAPSHOT_MAX_AGE_S = 3600.0  # a snapshot left behind by an asker that died is removed then
 _SNAPSHOT_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 

@@ -10,10 +10,12 @@ step of the protocol loses no change that returned success and leaves no replica
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
 ENV = "CLUSTERFS_TEST_CRASH_AT"
+log = logging.getLogger(__name__)
 
 
 class CrashPoint:
@@ -23,6 +25,9 @@ class CrashPoint:
         self._seen = 0
         if spec:
             kind, _, count = spec.partition("@")
+            if not kind or not (count or "1").isdigit():
+                log.warning("ignoring %s=%r: expected KIND@N, e.g. Decide@1", ENV, spec)
+                return
             self.kind, self._at = kind, int(count or "1")
 
     def before_send(self, kind: str) -> None:
