@@ -27,6 +27,7 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -138,6 +139,15 @@ def supplementary_groups(pid: int) -> frozenset[int]:
     return frozenset()
 
 
+DataVersion = tuple[int, int]  # (mtime_ns, size) of a backing file
+
+
+def _data_version(st: os.stat_result) -> DataVersion:
+    """What tells one version of a file's data from another (as well as timestamps with
+    the block directory's clock granularity can: see docs/clusterfs.md, Coherence)."""
+    return st.st_mtime_ns, st.st_size
+
+
 def _held(fd: int) -> int:
     """`fd`, marked as open for the whole cluster; closed again if that fails."""
     try:
@@ -175,7 +185,8 @@ class FileSystem:
         self._next_fh = itertools.count(1)
         self._fresh_fds: dict[int, int] = {}
         self.spares = Spares(store, blockdir)
-        self._seen_data: dict[int, tuple[int, int]] = {}  # ino -> (mtime_ns, size) at last close
+        # ino -> the data version the kernel here may cache pages of (see `open`)
+        self._seen_data: dict[int, DataVersion] = {}
         self._doomed: list[int] = []  # purged inodes whose backing files are still there
         self._doomed_added = trio.Event()
         self._changes_in_flight = 0  # this node's calls waiting for their commit
@@ -327,6 +338,7 @@ class FileSystem:
         fd = await self._new_backing(applied.ino, parent, name)
         self._set_backing_flags(fd, flags)
         attrs = self._created(applied.ino)
+        self._seen_data[applied.ino] = _data_version(os.fstat(fd))
         return self._new_handle(applied.ino, fd), attrs
 
     async def _new_backing(self, ino: int, parent: int, name: bytes) -> int:
@@ -394,16 +406,18 @@ class FileSystem:
 
     def _set_data_attrs(self, ino: int, changes: AttrChanges, fh: int | None) -> None:
         """Size and times of a regular file live in its backing file."""
+        path = self._blockdir.path(ino)
         if changes.size_bytes is not None:
-            if fh is not None and fh in self._handles:
-                os.ftruncate(self._handles[fh].fd, changes.size_bytes)
-            else:
-                os.truncate(self._blockdir.path(ino), changes.size_bytes)
+            handle = self._handles.get(fh) if fh is not None else None
+            backing = path if handle is None else handle.fd
+            with self._changing_data(ino, backing):
+                os.truncate(backing, changes.size_bytes)
         if changes.atime_ns is not None or changes.mtime_ns is not None:
-            current = self._blockdir.stat(ino)
+            current = os.stat(path)
             atime = current.st_atime_ns if changes.atime_ns is None else changes.atime_ns
             mtime = current.st_mtime_ns if changes.mtime_ns is None else changes.mtime_ns
-            os.utime(self._blockdir.path(ino), ns=(atime, mtime))
+            with self._changing_data(ino, path):
+                os.utime(path, ns=(atime, mtime))
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         check_xattr_name(name)
@@ -414,16 +428,21 @@ class FileSystem:
 
     # -- data -------------------------------------------------------------------------------
     def open(self, ino: int, flags: int, caller: Caller) -> tuple[int, bool]:
-        """Open `ino`'s backing file; also says whether the kernel may keep cached pages
-        (only if the data is unchanged since this node last saw it: close-to-open)."""
+        """Open `ino`'s backing file; also says whether the kernel may keep cached pages:
+        only if the data is unchanged since the version this node last saw (close-to-open).
+
+        The version seen is taken here and carried through this node's own writes and
+        truncates, never at release: the kernel sends RELEASE after close(2) has returned,
+        so by then another node may have written data that the kernel here never read."""
         inode = self._inode(ino)
         if not stat.S_ISREG(inode.mode):
             raise _errno(errno.EISDIR if stat.S_ISDIR(inode.mode) else errno.ENXIO)
         fd = _held(self._blockdir.open(ino, os.O_RDWR | (flags & _BACKING_OPEN_FLAGS)))
         if flags & os.O_TRUNC:  # the kernel passes O_TRUNC through (atomic_o_trunc)
             os.ftruncate(fd, 0)
-        st = os.fstat(fd)
-        keep_cache = self._seen_data.get(ino) == (st.st_mtime_ns, st.st_size)
+        version = _data_version(os.fstat(fd))
+        keep_cache = self._seen_data.get(ino) == version
+        self._seen_data[ino] = version
         fh = self._new_handle(ino, fd)
         self._handles[fh].drops_setgid = _drops_setgid(inode, flags, caller)
         return fh, keep_cache
@@ -452,7 +471,19 @@ class FileSystem:
         if handle.drops_setgid:
             handle.drops_setgid = False
             await self._drop_setgid(handle.ino)
-        return os.pwrite(handle.fd, data, offset)
+        with self._changing_data(handle.ino, handle.fd):
+            return os.pwrite(handle.fd, data, offset)
+
+    @contextmanager
+    def _changing_data(self, ino: int, backing: int | str) -> Iterator[None]:
+        """Carry the version seen through a change of the data made here (the kernel here
+        has it), unless the data had changed elsewhere first: then it is unknown."""
+        was_seen = self._seen_data.pop(ino, None) == _data_version(os.stat(backing))
+        yield
+        if was_seen:
+            self._seen_data[ino] = _data_version(os.stat(backing))
+        else:
+            self._seen_data.pop(ino, None)
 
     async def _drop_setgid(self, ino: int) -> None:
         mode = self._inode(ino).mode
@@ -470,11 +501,7 @@ class FileSystem:
         handle = self._handles.pop(fh, None)
         if handle is None:
             return
-        try:
-            st = os.fstat(handle.fd)
-            self._seen_data[handle.ino] = (st.st_mtime_ns, st.st_size)
-        finally:
-            os.close(handle.fd)
+        os.close(handle.fd)
         self._open_count[handle.ino] -= 1
         if self._open_count[handle.ino] <= 0:
             del self._open_count[handle.ino]

@@ -441,6 +441,49 @@ async def test_remote_change_drops_cached_pages_at_next_open(
     assert not keep_cache
 
 
+async def test_data_written_elsewhere_before_a_late_release_drops_cached_pages(
+        mirror: Mirror, a: Node, b: Node) -> None:
+    """The kernel sends RELEASE after close(2) returned: a write on `a` can come between
+    them, and the next open on `b` must still drop what `b`'s kernel cached before it."""
+    ino = await make_file(a, b"f")
+    fh_b = open_by_name(b, b"f")
+    fh_a, _ = a.fs.open(ino, os.O_WRONLY, ROOT)
+    await a.fs.write(fh_a, 4, b"tail")
+    a.fs.release(fh_a)
+    b.fs.release(fh_b)  # late: after a's write
+    fh, keep_cache = b.fs.open(ino, os.O_RDONLY, ROOT)
+    b.fs.release(fh)
+    assert not keep_cache
+
+
+async def test_own_writes_and_truncates_keep_cached_pages(
+        mirror: Mirror, a: Node, b: Node) -> None:
+    ino = await make_file(a, b"f")
+    fh = open_by_name(b, b"f")
+    await b.fs.write(fh, 0, b"0123456789")
+    await b.fs.setattr(ino, AttrChanges(size_bytes=3), fh)
+    await b.fs.setattr(ino, AttrChanges(size_bytes=7), None)
+    await b.fs.setattr(ino, AttrChanges(mtime_ns=10**18), None)
+    b.fs.release(fh)
+    fh, keep_cache = b.fs.open(ino, os.O_RDONLY, ROOT)
+    b.fs.release(fh)
+    assert keep_cache
+
+
+async def test_own_write_after_a_write_elsewhere_drops_cached_pages(
+        mirror: Mirror, a: Node, b: Node) -> None:
+    ino = await make_file(a, b"f")
+    fh_b = open_by_name(b, b"f")
+    fh_a, _ = a.fs.open(ino, os.O_WRONLY, ROOT)
+    await a.fs.write(fh_a, 4, b"tail")  # b's kernel does not have these bytes
+    a.fs.release(fh_a)
+    await b.fs.write(fh_b, 0, b"head")
+    b.fs.release(fh_b)
+    fh, keep_cache = b.fs.open(ino, os.O_RDONLY, ROOT)
+    b.fs.release(fh)
+    assert not keep_cache
+
+
 async def test_kernel_invalidator_without_a_mount_logs_at_debug_only(
         tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
