@@ -3,6 +3,7 @@
 Layout:
 
     BLOCKDIR/clusterfs.format   JSON: format name, version, cluster id
+    BLOCKDIR/cluster/           the cluster's credentials, registry, witness, snapshots
     BLOCKDIR/data/XX/INO        backing file of regular inode INO (hex), XX = INO mod 256
 
 Backing files are named by inode number only, so no user-chosen name ever reaches a path in
@@ -27,6 +28,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from clusterfs.credentials import create_credentials
 
 FORMAT_FILE = "clusterfs.format"
 FORMAT_NAME = "clusterfs-blockdir"
@@ -151,6 +154,7 @@ def format_blockdir(root: Path) -> BlockDir:
     tmp.write_text(json.dumps(marker) + "\n")
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    create_credentials(root)  # before the marker: a formatted directory always has them
     tmp.rename(root / FORMAT_FILE)
     return BlockDir(root, cluster_id)
 

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,6 +23,13 @@ import trio
 
 from clusterfs import fsck, status
 from clusterfs.blockdir import BlockDirError, format_blockdir, open_blockdir
+from clusterfs.credentials import (
+    CREDENTIALS_FILE,
+    Credentials,
+    CredentialsError,
+    credentials_path,
+    load_credentials,
+)
 from clusterfs.membership.driver import stored_view
 from clusterfs.node import NodeConfig, NodeError, open_replica, run
 from clusterfs.status import StatusError
@@ -233,24 +241,37 @@ def _refuse_repair_of_a_member(store: Store, state_dir: Path) -> None:
 
 # -- status, leave ------------------------------------------------------------------------
 
-def _address(args: argparse.Namespace) -> str:
-    if args.connect:
+@dataclass(frozen=True)
+class _Target:
+    address: str
+    credentials: Credentials
+
+
+def _target(args: argparse.Namespace) -> _Target:
+    """The node to ask and the credentials to ask it with."""
+    given = load_credentials(Path(args.credentials)) if args.credentials else None
+    if getattr(args, "connect", None):
         parse_address(args.connect)
-        return str(args.connect)
+        if given is None:
+            raise UsageError("--connect needs the cluster's credentials: add --credentials "
+                             f"BLOCKDIR/{CREDENTIALS_FILE}")
+        return _Target(str(args.connect), given)
     if not args.mountpoint:
         raise UsageError("give a MOUNTPOINT or --connect HOST:PORT")
-    return status.address_of_mount(Path(args.mountpoint))
+    node = status.node_of_mount(Path(args.mountpoint))
+    return _Target(node.address, given or load_credentials(credentials_path(node.blockdir)))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    nodes = trio.run(status.cluster_status, _address(args))
+    target = _target(args)
+    nodes = trio.run(status.cluster_status, target.address, target.credentials)
     print(status.render_json(nodes) if args.json else status.render_table(nodes))
     return 0
 
 
 def cmd_leave(args: argparse.Namespace) -> int:
-    address = status.address_of_mount(Path(args.mountpoint))
-    reply = trio.run(status.ask, address, status.LeaveRequest())
+    target = _target(args)
+    reply = trio.run(status.ask, target.address, status.LeaveRequest(), target.credentials)
     assert isinstance(reply, status.LeaveReply)
     deadline_s = time.monotonic() + LEAVE_TIMEOUT_S
     while _alive(reply.pid) and os.path.ismount(args.mountpoint):
@@ -311,10 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", nargs="?")
     p.add_argument("--connect", metavar="HOST:PORT", help="ask the node listening there")
     p.add_argument("--json", action="store_true")
+    _credentials_option(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("leave", help="leave the cluster gracefully and unmount")
     p.add_argument("mountpoint")
+    _credentials_option(p)
     p.set_defaults(func=cmd_leave)
 
     p = sub.add_parser("fsck", help="check (and repair) a stopped node against the block dir")
@@ -330,11 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _credentials_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--credentials", metavar="FILE",
+                   help=f"the cluster's credentials (default: BLOCKDIR/{CREDENTIALS_FILE} "
+                        "of the mount)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (UsageError, BlockDirError, NodeError, StatusError) as exc:
+    except (UsageError, BlockDirError, CredentialsError, NodeError, StatusError) as exc:
         print(f"clusterfs: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

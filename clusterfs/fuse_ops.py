@@ -15,6 +15,7 @@ import contextlib
 import errno
 import functools
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -252,9 +253,18 @@ class Operations(pyfuse3.Operations):
 
 def mount_options(extra: Sequence[str], fsname: str) -> set[str]:
     options = set(pyfuse3.default_options) | {
-        "allow_other", "default_permissions", f"fsname={fsname}", "subtype=clusterfs"}
+        "allow_other", "default_permissions", f"fsname={_escape_option(fsname)}",
+        "subtype=clusterfs"}
     options.update(o for o in extra if o)
     return options
+
+
+def _escape_option(value: str) -> str:
+    """libfuse splits options at commas and reads backslash escapes, octal ones included;
+    pyfuse3 passes options as ASCII: escape the rest (a block directory's path may hold
+    any byte)."""
+    return "".join(chr(b) if 0x20 < b < 0x7F and b not in b",\\" else f"\\{b:03o}"
+                   for b in os.fsencode(value))
 
 
 @contextlib.contextmanager

@@ -21,13 +21,14 @@ import trio
 
 from clusterfs import status
 from clusterfs.blockdir import FORMAT_FILE, BlockDir, open_blockdir
+from clusterfs.credentials import credentials_path, load_credentials
 from clusterfs.filesystem import FileSystem
 from clusterfs.fuse_ops import Operations, invalidating, mount_options
 from clusterfs.membership.driver import RECOVERABLE_OFFLINE, MembershipDriver, stored_view
 from clusterfs.membership.witness import Witness
 from clusterfs.namespace import initialise
 from clusterfs.registry import Registry, RegistryError, check_name
-from clusterfs.status import SOURCE_PREFIX
+from clusterfs.status import mount_source
 from clusterfs.store import CLUSTER_ID, Store
 from clusterfs.txn.actions import RemoveMember
 from clusterfs.txn.driver import CommitDriver
@@ -114,7 +115,8 @@ class Node:
         self.store = store
         self.registry = Registry(config.blockdir)
         self.fs = FileSystem(store, blockdir)
-        self.transport = Transport(config.name, config.listen, self.registry.address)
+        self.transport = Transport(config.name, config.listen, self.registry.address,
+                                   load_credentials(credentials_path(config.blockdir)))
         self.commit = CommitDriver(config.name, store, self._send_txn, self.fs.on_applied,
                                    self._commit_report, self.registry.snapshots_dir,
                                    self.fs.caches_dropped)
@@ -221,7 +223,7 @@ class Node:
             nursery.cancel_scope.cancel()
 
     async def _serve_mount(self, ready: Callable[[], None]) -> None:
-        source = f"{SOURCE_PREFIX}{self.config.name}@{self.config.listen}"
+        source = mount_source(self.config.name, self.config.listen, self.config.blockdir)
         pyfuse3.init(Operations(self.fs), str(self.config.mountpoint),
                      mount_options(self.config.options, source))
         self._mounted = True

@@ -4,8 +4,10 @@ The command line sends a typed request on the control channel of a node's listen
 and gets a typed reply. For status it asks the node it was pointed at, learns the members
 and their addresses from it, then asks every member for its own figures (state, epoch,
 leader, applied sequence, replica digest), so each line comes from the node it describes.
-A mount point is turned into its node's address through /proc/self/mountinfo: the mount's
-source is `clusterfs:NAME@HOST:PORT`.
+A mount point is turned into its node's address and block directory through
+/proc/self/mountinfo: the mount's source is `clusterfs:NAME@HOST:PORT:BLOCKDIR` (like NFS's
+`server:/export`), and the block directory holds the cluster's credentials, which every
+request needs (`clusterfs.credentials`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import trio
 
+from clusterfs.credentials import Credentials
 from clusterfs.txn import transport
 
 REQUEST_TIMEOUT_S = 5.0
@@ -83,18 +87,39 @@ def encode(message: Request | Reply) -> bytes:
 
 # -- the command line's side ---------------------------------------------------------------
 
-def address_of_mount(mountpoint: Path) -> str:
-    """HOST:PORT of the node serving `mountpoint`, from the mount's source."""
+@dataclass(frozen=True, slots=True)
+class MountSource:
+    name: str
+    address: str  # HOST:PORT
+    blockdir: Path
+
+
+def mount_source(name: str, listen: str, blockdir: Path) -> str:
+    return f"{SOURCE_PREFIX}{name}@{listen}:{os.path.abspath(blockdir)}"
+
+
+def parse_mount_source(source: str) -> MountSource | None:
+    if not source.startswith(SOURCE_PREFIX):
+        return None
+    head, sep, path = source[len(SOURCE_PREFIX):].partition(":/")  # HOST may be [v6]
+    name, at, address = head.rpartition("@")
+    if not sep or not at or not name or not address:
+        return None
+    return MountSource(name, address, Path("/" + path))
+
+
+def node_of_mount(mountpoint: Path) -> MountSource:
+    """The node serving `mountpoint`, from the mount's source."""
     target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for raw in mountinfo:
+            fields = [_unescape(os.fsdecode(field)) for field in raw.split()]
             separator = fields.index("-")
-            if _unescape(fields[4]) != target or not fields[separator + 1].startswith("fuse"):
+            if fields[4] != target or not fields[separator + 1].startswith("fuse"):
                 continue
-            source = fields[separator + 2]
-            if source.startswith(SOURCE_PREFIX) and "@" in source:
-                return source.rpartition("@")[2]
+            found = parse_mount_source(fields[separator + 2])
+            if found is not None:
+                return found
     raise StatusError(f"{mountpoint}: not a clusterfs mount point")
 
 
@@ -103,9 +128,10 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
-async def ask(address: str, request: Request, timeout_s: float = REQUEST_TIMEOUT_S) -> Reply:
+async def ask(address: str, request: Request, credentials: Credentials,
+              timeout_s: float = REQUEST_TIMEOUT_S) -> Reply:
     try:
-        raw = await transport.request(address, encode(request), timeout_s)
+        raw = await transport.request(address, encode(request), timeout_s, credentials)
         reply = _reply_decoder.decode(raw)
     except transport.TransportError as exc:
         raise StatusError(str(exc)) from None
@@ -116,9 +142,9 @@ async def ask(address: str, request: Request, timeout_s: float = REQUEST_TIMEOUT
     return reply
 
 
-async def cluster_status(address: str) -> list[NodeStatus]:
+async def cluster_status(address: str, credentials: Credentials) -> list[NodeStatus]:
     """Every member's own status, the node at `address` first if it is not a member."""
-    first = await ask(address, StatusRequest())
+    first = await ask(address, StatusRequest(), credentials)
     if not isinstance(first, NodeStatus):
         raise StatusError(f"{address}: unexpected reply")
     names = sorted(set(first.members) | {first.name})
@@ -127,7 +153,7 @@ async def cluster_status(address: str) -> list[NodeStatus]:
     async def one(name: str) -> None:
         member_address = first.addresses.get(name, "")
         try:
-            reply = await ask(member_address, StatusRequest())
+            reply = await ask(member_address, StatusRequest(), credentials)
         except StatusError as exc:
             reply = _unreachable(name, member_address, str(exc))
         if isinstance(reply, NodeStatus):

@@ -13,6 +13,11 @@ task may wait on it. The DEALERs are only ever sent on, without blocking, from t
 thread, so no task ever waits on them: `send` uses them directly, which saves a task switch
 per message (a commit round is six one-way messages).
 
+Every connection is authenticated and encrypted with CURVE: each node is a CURVE server and
+client with the cluster's key pair (`clusterfs.credentials`), and its ZAP handler admits a
+client only if it proves it holds that pair's secret key; a refused connection is logged at most
+every ten seconds per address. A stranger's messages never reach a handler.
+
 Sending is best effort: the protocol cores resend what matters, so a message that cannot be
 queued (high-water mark reached, unknown destination) is dropped with a debug line. Messages
 to this node itself never touch zmq; the layers deliver those inline.
@@ -20,14 +25,20 @@ to this node itself never touch zmq; the layers deliver those inline.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 import zmq
+from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
+
+if TYPE_CHECKING:
+    from clusterfs.credentials import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +49,9 @@ CHANNEL_CONTROL = b"c"
 SEND_HWM_MESSAGES = 10_000
 RESOLVE_TTL_S = 1.0  # a restarted peer may listen elsewhere; its registry entry says where
 MAX_PAYLOAD_BYTES = 64 << 20
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks (RFC 27/ZAP)
+ZAP_VERSION = b"1.0"
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 Handler = Callable[[str, bytes], None]
 ControlHandler = Callable[[bytes], bytes]
@@ -46,6 +60,41 @@ Resolver = Callable[[str], "str | None"]
 
 class TransportError(Exception):
     """The listen address cannot be bound, or a control request got no answer."""
+
+
+def new_keypair() -> tuple[bytes, bytes]:
+    """A new CURVE key pair (public, secret), both in Z85."""
+    return zmq.curve_keypair()
+
+
+def public_key_of(secret_key: bytes) -> bytes:
+    """The Z85 public key of a Z85 secret key; ValueError if it is not one."""
+    try:
+        return zmq.curve_public(secret_key)
+    except zmq.ZMQError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def zap_reply(request: list[bytes], public_key: bytes) -> tuple[list[bytes], str]:
+    """The reply to one ZAP request (RFC 27): only a CURVE client whose key is the cluster's
+    public key (`public_key`, Z85) is admitted. Also the reason for a refusal, or ''."""
+    if len(request) < 6:
+        request_id = request[1] if len(request) > 1 else b""
+        return _zap(request_id, b"400", "malformed request"), "malformed request"
+    version, request_id, _domain, _address, _identity, mechanism, *credentials = request
+    if version != ZAP_VERSION:
+        reason = "unknown ZAP version"
+    elif mechanism != b"CURVE":
+        reason = f"mechanism {mechanism[:16]!r}, not CURVE"
+    elif credentials != [z85.decode(public_key)]:
+        reason = "not the cluster's key"
+    else:
+        return _zap(request_id, b"200", "OK"), ""
+    return _zap(request_id, b"400", reason), reason
+
+
+def _zap(request_id: bytes, status: bytes, text: str) -> list[bytes]:
+    return [ZAP_VERSION, request_id, status, text.encode(), b"", b""]
 
 
 def endpoint(address: str) -> str:
@@ -65,10 +114,13 @@ class _Route:
 class Transport:
     """Node-to-node messages over ZeroMQ; `run` binds and serves until cancelled."""
 
-    def __init__(self, name: str, listen: str, resolve: Resolver) -> None:
+    def __init__(self, name: str, listen: str, resolve: Resolver,
+                 credentials: Credentials) -> None:
         self.name = name
         self.listen = listen
         self._resolve = resolve
+        self._credentials = credentials
+        self._refusals_logged_s: dict[str, float] = {}  # peer address -> when last logged
         self._context: zmq.Context[Any] | None = None  # made by `run`, ended when it ends
         self._handlers: dict[bytes, Handler] = {}
         self._control: ControlHandler | None = None
@@ -104,27 +156,67 @@ class Transport:
         listen = endpoint(self.listen)
         # Its own context, ended with `run`: the port is free again as soon as `run` ends.
         self._context = context = zmq.Context()
+        zap = context.socket(zmq.REP)
         router = context.socket(zmq.ROUTER)
         try:
+            zap.setsockopt(zmq.LINGER, 0)
+            zap.bind(ZAP_ENDPOINT)  # before the ROUTER listens: no connection gets past it
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer takes its name back
             # A peer announcing a bigger frame is disconnected before ZeroMQ allocates it.
             router.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES)
+            router.setsockopt(zmq.CURVE_SERVER, 1)
+            router.setsockopt(zmq.CURVE_SECRETKEY, self._credentials.secret_key)
             try:
                 router.bind(listen)
             except zmq.ZMQError as exc:
                 raise TransportError(f"cannot listen on {self.listen}: {exc.strerror}"
                                      ) from None
+            monitor = router.get_monitor_socket(_HANDSHAKE_FAILED)
             self._closed = False
-            task_status.started()
-            await self._receive_loop(router)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_zap, zap)
+                nursery.start_soon(self._log_failed_handshakes, monitor)
+                task_status.started()
+                await self._receive_loop(router)
         finally:
             self._closed = True
+            with contextlib.suppress(zmq.ZMQError):
+                router.disable_monitor()
             router.close()
+            zap.close()
             for dealer in self._dealers.values():
                 dealer.close()
             self._dealers.clear()
             context.term()  # returns at once: every socket has linger 0
+
+    async def _serve_zap(self, zap: zmq.Socket[bytes]) -> None:
+        """Answer libzmq's authentication requests for the ROUTER's new connections."""
+        while True:
+            request = await receive_multipart(zap)
+            reply, refusal = zap_reply(request, self._credentials.public_key)
+            zap.send_multipart(reply)
+            if refusal:
+                self._log_refusal(request[3].decode(errors="replace") if len(request) > 3
+                                  else "?", refusal)
+
+    async def _log_failed_handshakes(self, monitor: zmq.Socket[bytes]) -> None:
+        """A peer without the cluster's keys fails before ZAP is asked: say so here."""
+        try:
+            while True:
+                event = parse_monitor_message(await receive_multipart(monitor))
+                if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP logged those
+                    self._log_refusal("a peer", "it failed the secure handshake (no "
+                                      "credentials, or another cluster's)")
+        finally:
+            monitor.close()
+
+    def _log_refusal(self, address: str, reason: str) -> None:
+        now_s = trio.current_time()
+        if now_s - self._refusals_logged_s.get(address, -REFUSAL_LOG_INTERVAL_S) \
+                >= REFUSAL_LOG_INTERVAL_S:
+            self._refusals_logged_s[address] = now_s
+            log.warning("refused a connection from %s: %s", address or "?", reason)
 
     # -- receiving ------------------------------------------------------------------------
     async def _receive_loop(self, router: zmq.Socket[bytes]) -> None:
@@ -188,8 +280,16 @@ class Transport:
         dealer.setsockopt(zmq.IDENTITY, self.name.encode())
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        curve_client(dealer, self._credentials)
         dealer.connect(endpoint(address))
         return dealer
+
+
+def curve_client(sock: zmq.Socket[bytes], credentials: Credentials) -> None:
+    """Make `sock` connect as a holder of the cluster's key pair (before `connect`)."""
+    sock.setsockopt(zmq.CURVE_SERVERKEY, credentials.public_key)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, credentials.public_key)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, credentials.secret_key)
 
 
 async def receive_multipart(sock: zmq.Socket[bytes]) -> list[bytes]:
@@ -204,20 +304,55 @@ async def receive_multipart(sock: zmq.Socket[bytes]) -> list[bytes]:
         await trio.lowlevel.wait_readable(cast(int, sock.getsockopt(zmq.FD)))
 
 
-async def request(address: str, payload: bytes, timeout_s: float) -> bytes:
+async def request(address: str, payload: bytes, timeout_s: float,
+                  credentials: Credentials) -> bytes:
     """One control request to the node listening on `address` (for the command line)."""
     context: zmq.Context[Any] = zmq.Context.instance()
     dealer = context.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.IDENTITY, f"cli-{uuid.uuid4().hex}".encode())
+    curve_client(dealer, credentials)
+    # A refused handshake is silent on the socket itself; its monitor tells why.
+    monitor = dealer.get_monitor_socket(_HANDSHAKE_FAILED)
     try:
         dealer.connect(endpoint(address))
         dealer.send_multipart([CHANNEL_CONTROL, payload])
         with trio.move_on_after(timeout_s):
-            frames = await receive_multipart(dealer)
+            frames = await _reply_or_refusal(dealer, monitor, address)
             if len(frames) == 2 and frames[0] == CHANNEL_CONTROL:
                 return frames[1]
             raise TransportError(f"{address}: unexpected reply")
         raise TransportError(f"no answer from {address} within {timeout_s:g} s")
     finally:
+        dealer.disable_monitor()
+        monitor.close()
         dealer.close()
+
+
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+async def _reply_or_refusal(dealer: zmq.Socket[bytes], monitor: zmq.Socket[bytes],
+                            address: str) -> list[bytes]:
+    """The reply's frames, or TransportError once the handshake has failed."""
+    outcome: list[list[bytes] | TransportError] = []
+    async with trio.open_nursery() as nursery:
+        async def reply() -> None:
+            outcome.append(await receive_multipart(dealer))
+            nursery.cancel_scope.cancel()
+
+        async def refusal() -> None:
+            event = parse_monitor_message(await receive_multipart(monitor))
+            outcome.append(TransportError(
+                f"{address} refused these credentials (not this cluster's)"
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else
+                f"{address}: the secure handshake failed (these credentials are another "
+                "cluster's, or it is not a clusterfs node)"))
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(reply)
+        nursery.start_soon(refusal)
+    if isinstance(outcome[0], TransportError):
+        raise outcome[0]
+    return outcome[0]

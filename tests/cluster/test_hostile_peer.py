@@ -1,13 +1,17 @@
-"""A peer that speaks garbage: raw bytes on a node's port, well-formed ZeroMQ messages whose
-contents are garbage, on every channel, under names that are not members', and a frame
-announced far over the size limit (the node hangs up instead of allocating it). Every node
-stays up (the shared-cluster fixture fails the test on a death or an ERROR line), the
-namespace does not change, and the file system goes on working.
+"""Peers that speak garbage, and strangers.
 
-Not covered: a peer that claims a member's name. Peers are not authenticated yet, and a
-connection under a member's name takes that name over on the other nodes' ROUTER sockets
-(ROUTER_HANDOVER, which lets a restarted member take its name back), cutting the real member
-off until it reconnects; authenticated peers (the membership issue) are what closes that."""
+Garbage: raw bytes on a node's port, a ZMTP greeting that announces a frame far over the size
+limit, and — from a peer that holds the cluster's credentials, as a buggy member would —
+well-formed ZeroMQ messages whose contents are garbage, on every channel, under names that
+are not members'. Strangers: processes without the cluster's credentials (no CURVE at all,
+another cluster's key pair, or their own key pair with the cluster's public key) that send
+a join request, a prepare and a status request, under a member's name too. Every node stays
+up (the shared-cluster fixture fails the test on a death or an ERROR line), strangers get no
+reply, the namespace and the membership do not change, and the file system goes on working.
+
+A peer with the credentials that claims a member's name takes that name over on the other
+nodes' ROUTER sockets (ROUTER_HANDOVER, which lets a restarted member take its name back):
+holding the credentials is being a member, as holding the block directory is."""
 
 from __future__ import annotations
 
@@ -20,7 +24,11 @@ import msgspec
 import pytest
 import zmq
 
+from clusterfs import status
+from clusterfs.credentials import Credentials, credentials_path, load_credentials
+from clusterfs.membership import messages as membership_messages
 from clusterfs.txn import messages
+from clusterfs.txn.transport import curve_client, new_keypair
 from tests.cluster.conftest import Cluster
 
 pytestmark = pytest.mark.mount
@@ -57,11 +65,13 @@ def _payloads(rng: random.Random) -> list[bytes]:
     ]
 
 
-def _zmq_garbage(address: str, identity: bytes, rng: random.Random) -> None:
+def _zmq_garbage(address: str, identity: bytes, rng: random.Random,
+                 credentials: Credentials) -> None:
     context = zmq.Context()
     dealer = context.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.IDENTITY, identity)
+    curve_client(dealer, credentials)
     try:
         dealer.connect(f"tcp://{address}")
         for channel in CHANNELS:
@@ -77,7 +87,8 @@ def _zmq_garbage(address: str, identity: bytes, rng: random.Random) -> None:
 
 def _announce_huge_frame(address: str) -> bool:
     """Speak ZMTP 3.0 (NULL mechanism) by hand and announce a 16 GiB frame without sending
-    it; True if the node closes the connection instead of waiting to allocate it."""
+    it; True if the node closes the connection instead of waiting to allocate it (at the
+    mechanism already: the node speaks only CURVE)."""
     host, port = address.rsplit(":", 1)
     greeting = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
                 + b"\x00" + bytes(31))
@@ -106,10 +117,11 @@ def test_garbage_from_a_peer_changes_nothing_and_crashes_nothing(
     quiet = c.wait_quiet_digests()
     digest, applied_seq = quiet["nodes"][0]["digest"], quiet["nodes"][0]["applied_seq"]
     rng = random.Random(20261127)
+    credentials = load_credentials(credentials_path(c.blockdir))
     for node in c.nodes:
         _raw_garbage(node.address, rng)
-        _zmq_garbage(node.address, b"stranger", rng)
-        _zmq_garbage(node.address, rng.randbytes(16), rng)
+        _zmq_garbage(node.address, b"stranger", rng, credentials)
+        _zmq_garbage(node.address, rng.randbytes(16), rng, credentials)
         assert _announce_huge_frame(node.address), f"{node.name} kept the connection"
     after = c.wait_quiet_digests()
     assert {(n["digest"], n["applied_seq"]) for n in after["nodes"]} == {(digest, applied_seq)}
@@ -119,3 +131,49 @@ def test_garbage_from_a_peer_changes_nothing_and_crashes_nothing(
     for i in range(len(c)):
         assert sorted(os.listdir(c.mnt(i) / croot)) == [
             "after-n1", "after-n2", "after-n3", "before"]
+
+
+def _stranger(address: str, identity: bytes, kind: str, cluster_key: bytes) -> list[bytes]:
+    """Send a join request, a prepare and a status request as a process without the
+    cluster's credentials; whatever comes back within a second."""
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.IDENTITY, identity)
+    if kind != "no CURVE":
+        curve_client(dealer, Credentials(*new_keypair()))
+        if kind == "own keys, the cluster's public key":
+            dealer.setsockopt(zmq.CURVE_SERVERKEY, cluster_key)
+    join = membership_messages.JoinRequest("intruder", "127.0.0.1:9", 0)
+    prepare = messages.Prepare(1, messages.Batch(1, 1, ()))
+    try:
+        dealer.connect(f"tcp://{address}")
+        dealer.send_multipart([b"m", membership_messages.encode(join)])
+        dealer.send_multipart([b"t", messages.encode(prepare)])
+        dealer.send_multipart([b"c", status.encode(status.StatusRequest())])
+        return [dealer.recv()] if dealer.poll(1000) else []
+    finally:
+        dealer.close()
+        context.term()
+
+
+def test_a_process_without_the_credentials_gets_nothing_and_changes_nothing(
+        shared_cluster: Cluster, croot: str) -> None:
+    c = shared_cluster
+    before = c.wait_quiet_digests()
+    state = {(n["name"], n["epoch"], tuple(n["members"]), n["digest"], n["applied_seq"])
+             for n in before["nodes"]}
+    cluster_key = load_credentials(credentials_path(c.blockdir)).public_key
+    for node in c.nodes:
+        for kind in ("no CURVE", "another cluster's keys", "own keys, the cluster's public key"):
+            for identity in (b"intruder", b"n1", b"n2"):  # also under members' names
+                assert _stranger(node.address, identity, kind, cluster_key) == [], (
+                    f"{node.name} answered a stranger ({kind})")
+    assert any("refused a connection" in node.log_text() for node in c.nodes)
+    after = c.wait_quiet_digests()
+    assert {(n["name"], n["epoch"], tuple(n["members"]), n["digest"], n["applied_seq"])
+            for n in after["nodes"]} == state
+    for i in range(len(c)):  # the members still talk to each other under their names
+        (c.mnt(i) / croot / f"after-n{i + 1}").write_bytes(b"after")
+    for i in range(len(c)):
+        assert sorted(os.listdir(c.mnt(i) / croot)) == ["after-n1", "after-n2", "after-n3"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from clusterfs.credentials import credentials_path
 from tests.cluster.conftest import Cluster
 from tests.util import run_cli
 
@@ -63,6 +64,7 @@ def test_a_node_cut_off_from_the_majority_answers_eio(
             assert _errno_of(lambda: os.mkdir(m3 / "d")) == errno.EIO
             assert _errno_of(lambda: os.open(m3 / "g", os.O_CREAT | os.O_WRONLY)) == errno.EIO
             proc = run_cli("status", "--connect", cluster.nodes[2].address, "--json",
+                           "--credentials", str(credentials_path(cluster.blockdir)),
                            timeout_s=60)
             assert proc.returncode == 0, proc.stderr
             n3 = next(n for n in json.loads(proc.stdout)["nodes"] if n["name"] == "n3")

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from clusterfs.credentials import credentials_path
+from clusterfs.txn.transport import REFUSAL_LOG_INTERVAL_S
 from tests.cluster.conftest import Cluster
 from tests.util import run_cli
 
@@ -69,26 +73,57 @@ def test_status_table(shared_cluster: Cluster) -> None:
 
 def test_status_connect(shared_cluster: Cluster) -> None:
     shared_cluster.wait_quiet_digests()
+    credentials = str(credentials_path(shared_cluster.blockdir))
     for node in shared_cluster.nodes:
-        proc = run_cli("status", "--connect", node.address, "--json")
+        proc = run_cli("status", "--connect", node.address, "--json",
+                       "--credentials", credentials)
         assert proc.returncode == 0, proc.stderr
         _check_nodes(shared_cluster, json.loads(proc.stdout))
-    proc = run_cli("status", "--connect", shared_cluster.nodes[2].address)
+    proc = run_cli("status", "--connect", shared_cluster.nodes[2].address,
+                   "--credentials", credentials)
     assert proc.returncode == 0, proc.stderr
     assert all(node.name in proc.stdout for node in shared_cluster.nodes)
 
 
-@pytest.mark.parametrize("kind", ["plain-dir", "missing", "bad-connect", "nothing"])
-def test_status_bad_argument_is_one_line_error(kind: str, tmp_path: Path) -> None:
-    args = {
-        "plain-dir": [str(tmp_path)],
-        "missing": [str(tmp_path / "no-such-dir")],
-        "bad-connect": ["--connect", "not-an-address"],
-        "nothing": [],
-    }[kind]
-    proc = run_cli("status", *args, "--json")
+def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("clusterfs: ") and "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", ["plain-dir", "missing", "bad-connect", "nothing",
+                                  "connect-without-credentials", "missing-credentials",
+                                  "not-credentials"])
+def test_status_bad_argument_is_one_line_error(kind: str, tmp_path: Path) -> None:
+    (tmp_path / "junk").write_text("public = x\n")
+    args = {
+        "plain-dir": [str(tmp_path)],
+        "missing": [str(tmp_path / "no-such-dir")],
+        "bad-connect": ["--connect", "not-an-address"],
+        "nothing": [],
+        "connect-without-credentials": ["--connect", "127.0.0.1:1"],
+        "missing-credentials": ["--connect", "127.0.0.1:1", "--credentials",
+                                str(tmp_path / "none")],
+        "not-credentials": ["--connect", "127.0.0.1:1", "--credentials", str(tmp_path / "junk")],
+    }[kind]
+    _one_line_error(run_cli("status", *args, "--json"))
+
+
+def test_status_with_another_clusters_credentials_is_refused(
+        shared_cluster: Cluster, tmp_path: Path) -> None:
+    other = tmp_path / "other-blocks"
+    run_cli("format", str(other), check=True)
+    node = shared_cluster.nodes[0]
+    mark = node.log_mark()
+    deadline = time.monotonic() + REFUSAL_LOG_INTERVAL_S + 20
+    while True:  # the node logs refusals at most once per interval: ask until it does
+        line = _one_line_error(run_cli("status", "--connect", node.address, "--credentials",
+                                       str(credentials_path(other))))
+        assert "secure handshake failed" in line
+        if "refused a connection" in node.log_text(mark):
+            break
+        assert time.monotonic() < deadline, node.log_tail()
+        time.sleep(1)

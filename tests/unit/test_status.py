@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clusterfs import status
+from clusterfs.credentials import Credentials
 from clusterfs.status import (
     ControlError,
     LeaveReply,
@@ -26,7 +27,9 @@ from clusterfs.status import (
     render_json,
     render_table,
 )
-from clusterfs.txn.transport import Transport
+from clusterfs.txn.transport import Transport, new_keypair
+
+CLUSTER = Credentials(*new_keypair())
 
 MEMBERS = ("a", "b", "c")
 ADDRESSES = {"a": "127.0.0.1:7001", "b": "127.0.0.1:7002", "c": "127.0.0.1:7003"}
@@ -136,11 +139,30 @@ def test_a_table_of_a_lone_unreachable_node() -> None:
 # -- mount points ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["TMP", "/", "/proc", "TMP/missing"])
-def test_address_of_mount_of_a_non_clusterfs_path(tmp_path: Path, path: str) -> None:
+def test_node_of_mount_of_a_non_clusterfs_path(tmp_path: Path, path: str) -> None:
     target = Path(path.replace("TMP", str(tmp_path)))
     with pytest.raises(StatusError, match="not a clusterfs mount point") as info:
-        status.address_of_mount(target)
+        status.node_of_mount(target)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("listen", "blockdir"), [
+    ("127.0.0.1:5000", "/srv/blocks"),
+    ("[::1]:7000", "/srv/blocks"),
+    ("node-a.example:1", "/srv/with:colon/and,comma and space/é"),
+    ("127.0.0.1:5000", "/"),
+])
+def test_mount_source_round_trips(listen: str, blockdir: str) -> None:
+    source = status.mount_source("n1", listen, Path(blockdir))
+    assert status.parse_mount_source(source) == status.MountSource("n1", listen,
+                                                                    Path(blockdir))
+
+
+@pytest.mark.parametrize("source", ["", "clusterfs:", "clusterfs:n1@127.0.0.1:5000",
+                                    "clusterfs:@127.0.0.1:5000:/x", "clusterfs:n1:/x",
+                                    "other:n1@127.0.0.1:5000:/x", "/dev/sda1"])
+def test_other_mount_sources_are_not_clusterfs_ones(source: str) -> None:
+    assert status.parse_mount_source(source) is None
 
 
 # -- asking real nodes ------------------------------------------------------------------------
@@ -154,7 +176,7 @@ def free_address() -> str:
 async def serve(nursery: trio.Nursery, name: str, address: str,
                 answer: status.Reply | bytes) -> None:
     """A transport whose control handler answers every request with `answer`."""
-    transport = Transport(name, address, lambda _: None)
+    transport = Transport(name, address, lambda _: None, CLUSTER)
 
     def handle(payload: bytes) -> bytes:
         request = decode_request(payload)
@@ -176,7 +198,7 @@ async def test_cluster_status_asks_every_member(nursery: trio.Nursery) -> None:
     await serve(nursery, "a", addresses["a"], status_of("a", "1" * 64))
     await serve(nursery, "b", addresses["b"], status_of("b", "2" * 64))
     with trio.fail_after(10):
-        nodes = await status.cluster_status(addresses["b"])
+        nodes = await status.cluster_status(addresses["b"], CLUSTER)
     assert [n.name for n in nodes] == ["a", "b", "c"]
     assert [n.digest for n in nodes[:2]] == ["1" * 64, "2" * 64]  # each from its own node
     assert nodes[2].state == "unreachable" and "is not HOST:PORT" in nodes[2].reason
@@ -187,22 +209,22 @@ async def test_ask_turns_a_control_error_into_a_status_error(nursery: trio.Nurse
     address = free_address()
     await serve(nursery, "a", address, ControlError("not now"))
     with pytest.raises(StatusError, match=re.escape(f"{address}: not now")):
-        await status.ask(address, StatusRequest(), timeout_s=5)
+        await status.ask(address, StatusRequest(), CLUSTER, timeout_s=5)
 
 
 async def test_ask_of_something_that_is_not_a_clusterfs_node(nursery: trio.Nursery) -> None:
     address = free_address()
     await serve(nursery, "a", address, b"hello, I am something else")
     with pytest.raises(StatusError, match="not a clusterfs node"):
-        await status.ask(address, StatusRequest(), timeout_s=5)
+        await status.ask(address, StatusRequest(), CLUSTER, timeout_s=5)
 
 
 async def test_ask_with_nobody_listening() -> None:
     with pytest.raises(StatusError, match="no answer from"):
-        await status.ask(free_address(), StatusRequest(), timeout_s=0.2)
+        await status.ask(free_address(), StatusRequest(), CLUSTER, timeout_s=0.2)
 
 
 async def test_leave_request_gets_a_leave_reply(nursery: trio.Nursery) -> None:
     address = free_address()
     await serve(nursery, "a", address, LeaveReply(31337))
-    assert await status.ask(address, LeaveRequest(), timeout_s=5) == LeaveReply(31337)
+    assert await status.ask(address, LeaveRequest(), CLUSTER, timeout_s=5) == LeaveReply(31337)

@@ -1,9 +1,11 @@
-"""The ZeroMQ transport, over real zmq sockets on 127.0.0.1 (DESIGN.md section 5)."""
+"""The ZeroMQ transport, over real zmq sockets on 127.0.0.1 (DESIGN.md section 5), with CURVE
+authentication and encryption under one cluster key pair."""
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import socket
 import warnings
 from collections.abc import Iterator
@@ -13,17 +15,23 @@ import pytest
 import trio
 import zmq
 
+from clusterfs.credentials import Credentials
 from clusterfs.txn import transport
 from clusterfs.txn.transport import (
+    CHANNEL_CONTROL,
     CHANNEL_MEMBERSHIP,
     CHANNEL_TXN,
     Transport,
     TransportError,
     endpoint,
+    new_keypair,
     request,
+    zap_reply,
 )
 
 WAIT_S = 5.0
+CLUSTER = Credentials(*new_keypair())
+OTHER_CLUSTER = Credentials(*new_keypair())
 
 
 def free_address() -> str:
@@ -65,7 +73,7 @@ class Cluster:
     async def start(self, name: str, address: str | None = None) -> Transport:
         address = address or free_address()
         self.addresses[name] = address
-        node = Transport(name, address, self.addresses.get)
+        node = Transport(name, address, self.addresses.get, CLUSTER)
         inbox = self.inboxes[name] = Inbox()
         node.on(CHANNEL_TXN, inbox.handler(CHANNEL_TXN))
         node.on(CHANNEL_MEMBERSHIP, inbox.handler(CHANNEL_MEMBERSHIP))
@@ -74,10 +82,17 @@ class Cluster:
 
 
 @contextmanager
-def raw_dealer(address: str, identity: bytes) -> Iterator[zmq.Socket[bytes]]:
+def raw_dealer(address: str, identity: bytes, credentials: Credentials | None = CLUSTER,
+               server_key: bytes | None = None) -> Iterator[zmq.Socket[bytes]]:
+    """A bare DEALER: with `credentials` (or None: no CURVE at all), and optionally
+    told another server key than the credentials' own public key."""
     dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.IDENTITY, identity)
+    if credentials is not None:
+        transport.curve_client(dealer, credentials)
+        if server_key is not None:
+            dealer.setsockopt(zmq.CURVE_SERVERKEY, server_key)
     try:
         dealer.connect(endpoint(address))
         yield dealer
@@ -149,7 +164,7 @@ async def test_many_messages_arrive_in_order_per_sender(nursery: trio.Nursery) -
 
 async def test_send_to_a_literal_address_names_the_sender(nursery: trio.Nursery) -> None:
     cluster = Cluster(nursery)
-    joiner = Transport("joiner", free_address(), lambda name: None)
+    joiner = Transport("joiner", free_address(), lambda name: None, CLUSTER)
     await nursery.start(joiner.run)
     await cluster.start("b")
     joiner.send(cluster.addresses["b"], CHANNEL_MEMBERSHIP, b"let me in")
@@ -168,7 +183,7 @@ async def test_unknown_destination_is_dropped_and_sending_goes_on(
 
 async def test_send_before_run_and_after_stop_is_dropped() -> None:
     address = free_address()
-    node = Transport("a", address, {"b": free_address()}.get)
+    node = Transport("a", address, {"b": free_address()}.get, CLUSTER)
     node.send("b", CHANNEL_TXN, b"before run")  # not bound yet: dropped, no exception
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
@@ -237,8 +252,8 @@ async def test_control_request_gets_the_handlers_reply(nursery: trio.Nursery) ->
         return b"reply to " + payload
 
     b.on_control(answer)
-    assert await request(cluster.addresses["b"], b"status?", WAIT_S) == b"reply to status?"
-    assert await request(cluster.addresses["b"], b"again", WAIT_S) == b"reply to again"
+    assert await request(cluster.addresses["b"], b"status?", WAIT_S, CLUSTER) == b"reply to status?"
+    assert await request(cluster.addresses["b"], b"again", WAIT_S, CLUSTER) == b"reply to again"
     assert asked == [b"status?", b"again"]
     assert cluster.inboxes["b"].received == []  # control never reaches the other channels
 
@@ -247,7 +262,7 @@ async def test_request_with_nobody_listening_times_out() -> None:
     timeout_s = 0.3
     start_s = trio.current_time()
     with pytest.raises(TransportError, match=r"no answer from .* within 0\.3 s"):
-        await request(free_address(), b"anyone?", timeout_s)
+        await request(free_address(), b"anyone?", timeout_s, CLUSTER)
     assert trio.current_time() - start_s < timeout_s + 2.0
 
 
@@ -256,12 +271,115 @@ async def test_request_to_a_node_without_control_handler_times_out(
     cluster = Cluster(nursery)
     await cluster.start("b")
     with pytest.raises(TransportError, match="no answer"):
-        await request(cluster.addresses["b"], b"status?", 0.3)
+        await request(cluster.addresses["b"], b"status?", 0.3, CLUSTER)
 
 
 async def test_request_rejects_a_bad_address() -> None:
     with pytest.raises(TransportError, match="is not HOST:PORT"):
-        await request("no-port", b"x", 0.3)
+        await request("no-port", b"x", 0.3, CLUSTER)
+
+
+# -- authentication and encryption ------------------------------------------------------
+
+def _zap_request(mechanism: bytes, *credentials: bytes, version: bytes = b"1.0") -> list[bytes]:
+    return [version, b"id-7", b"", b"127.0.0.1", b"peer", mechanism, *credentials]
+
+
+@pytest.mark.parametrize(("request_frames", "status", "reason"), [
+    (_zap_request(b"CURVE", zmq.utils.z85.decode(CLUSTER.public_key)), b"200", ""),
+    (_zap_request(b"CURVE", zmq.utils.z85.decode(OTHER_CLUSTER.public_key)), b"400",
+     "not the cluster's key"),
+    (_zap_request(b"CURVE"), b"400", "not the cluster's key"),
+    (_zap_request(b"NULL"), b"400", "mechanism b'NULL', not CURVE"),
+    (_zap_request(b"PLAIN", b"user", b"password"), b"400", "mechanism b'PLAIN', not CURVE"),
+    (_zap_request(b"CURVE", zmq.utils.z85.decode(CLUSTER.public_key), version=b"2.0"),
+     b"400", "unknown ZAP version"),
+    ([b"1.0", b"id-7", b""], b"400", "malformed request"),
+])
+def test_zap_admits_only_the_cluster_key(request_frames: list[bytes], status: bytes,
+                                         reason: str) -> None:
+    reply, refusal = zap_reply(request_frames, CLUSTER.public_key)
+    assert reply[:3] == [b"1.0", b"id-7", status] and len(reply) == 6
+    assert refusal == reason
+
+
+@pytest.mark.parametrize(("stranger", "warning"), [
+    ("no CURVE at all", "failed the secure handshake"),
+    ("another cluster's key pair", "failed the secure handshake"),
+    ("its own key pair, and the cluster's public key", "not the cluster's key"),
+])
+async def test_a_peer_without_the_cluster_keys_gets_nothing_through(
+        nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, stranger: str,
+        warning: str) -> None:
+    """Messages, control requests and a member's name from a stranger all go nowhere; the
+    node logs the refusal and serves its members as before."""
+    cluster = Cluster(nursery)
+    a, b = await cluster.start("a"), await cluster.start("b")
+    b.on_control(lambda payload: b"answer")
+    credentials, server_key = {
+        "no CURVE at all": (None, None),
+        "another cluster's key pair": (OTHER_CLUSTER, None),
+        "its own key pair, and the cluster's public key": (OTHER_CLUSTER, CLUSTER.public_key),
+    }[stranger]
+    with raw_dealer(cluster.addresses["b"], b"a", credentials, server_key) as dealer:
+        for channel in (CHANNEL_TXN, CHANNEL_MEMBERSHIP, CHANNEL_CONTROL):
+            dealer.send_multipart([channel, b"from a stranger"])
+        await wait_for_warning(caplog, warning)
+        assert dealer.poll(300) == 0  # no control reply
+        a.send("b", CHANNEL_TXN, b"from the real a")
+        assert await cluster.inboxes["b"].wait_for(1) == [("a", CHANNEL_TXN, b"from the real a")]
+    assert cluster.inboxes["b"].received == [("a", CHANNEL_TXN, b"from the real a")]
+
+
+async def test_a_request_with_another_clusters_credentials_fails_in_one_line(
+        nursery: trio.Nursery) -> None:
+    cluster = Cluster(nursery)
+    b = await cluster.start("b")
+    b.on_control(lambda payload: b"answer")
+    with pytest.raises(TransportError, match="secure handshake failed") as info:
+        await request(cluster.addresses["b"], b"status?", WAIT_S, OTHER_CLUSTER)
+    assert "\n" not in str(info.value)
+
+
+def _open_sniffer() -> socket.socket:
+    """A raw packet socket on the loopback interface (root only)."""
+    try:
+        sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    except PermissionError:
+        pytest.skip("capturing loopback packets needs CAP_NET_RAW (root)")
+    sniffer.bind(("lo", 0))
+    sniffer.setblocking(False)
+    return sniffer
+
+
+def _captured(sniffer: socket.socket) -> bytes:
+    packets = []
+    while True:
+        try:
+            packets.append(sniffer.recv(1 << 16))
+        except BlockingIOError:
+            return b"".join(packets)
+
+
+async def test_traffic_between_nodes_is_encrypted(nursery: trio.Nursery) -> None:
+    """Capture every loopback packet while a message crosses: its bytes are not there,
+    while bytes sent in clear over loopback at the same time are (the capture works)."""
+    marker = b"namespace-secret-" + os.urandom(8).hex().encode()
+    in_clear = b"in-clear-" + os.urandom(8).hex().encode()
+    cluster = Cluster(nursery)
+    a, _ = await cluster.start("a"), await cluster.start("b")
+    with _open_sniffer() as sniffer:
+        a.send("b", CHANNEL_TXN, marker * 3)
+        assert await cluster.inboxes["b"].wait_for(1) == [("a", CHANNEL_TXN, marker * 3)]
+        with socket.create_server(("127.0.0.1", 0)) as server, \
+                socket.create_connection(server.getsockname()) as client:
+            client.sendall(in_clear)
+            conn, _ = server.accept()
+            with conn:
+                assert conn.recv(100) == in_clear
+        captured = _captured(sniffer)
+    assert in_clear in captured
+    assert marker not in captured
 
 
 # -- binding and closing --------------------------------------------------------------------
@@ -270,7 +388,7 @@ async def test_binding_an_address_in_use_raises_a_one_line_error(
         nursery: trio.Nursery) -> None:
     cluster = Cluster(nursery)
     await cluster.start("a")
-    second = Transport("b", cluster.addresses["a"], cluster.addresses.get)
+    second = Transport("b", cluster.addresses["a"], cluster.addresses.get, CLUSTER)
     with pytest.raises(TransportError) as info:
         await nursery.start(second.run)
     message = str(info.value)
@@ -283,7 +401,7 @@ def _resource_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
 
 
 async def test_a_bad_listen_address_raises_transport_error() -> None:
-    node = Transport("a", "no-port-here", lambda name: None)
+    node = Transport("a", "no-port-here", lambda name: None, CLUSTER)
     with warnings.catch_warnings(record=True):  # a leak would be caught by the next test
         warnings.simplefilter("always")
         async with trio.open_nursery() as nursery:
@@ -293,7 +411,7 @@ async def test_a_bad_listen_address_raises_transport_error() -> None:
 
 
 async def test_a_bad_listen_address_leaves_no_socket_open() -> None:
-    node = Transport("a", "no-port-here", lambda name: None)
+    node = Transport("a", "no-port-here", lambda name: None, CLUSTER)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         async with trio.open_nursery() as nursery:
@@ -306,7 +424,7 @@ async def test_a_bad_listen_address_leaves_no_socket_open() -> None:
 async def test_a_failed_bind_leaves_no_socket_open(nursery: trio.Nursery) -> None:
     cluster = Cluster(nursery)
     await cluster.start("a")
-    second = Transport("b", cluster.addresses["a"], cluster.addresses.get)
+    second = Transport("b", cluster.addresses["a"], cluster.addresses.get, CLUSTER)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(TransportError):
