@@ -181,9 +181,13 @@ class Participant:
             for request_id, request in self._requests.items():
                 if request.forwarded_epoch == self._epoch() and request.resend_at_s <= now_s:
                     actions += self._send_forward(request_id, request, now_s)
-        elif self._requests and self._report_at_s <= now_s:
+        elif self._report_at_s <= now_s:
+            # Ask for a Ready that was lost, or that went to this node's previous process:
+            # one restarted faster than the failure detector is still a member of the
+            # epoch, whose leader does not know it needs Ready again. Not only when a
+            # request waits: a restarted node serves (and so captures) only after Ready.
             self._report_at_s = now_s + self.config.resend_interval_s
-            actions.append(self._report())  # ask for a Ready that may have been lost
+            actions.append(self._report())
         if self._behind() and self._fetch_at_s <= now_s:
             actions += self._fetch(now_s)
         return actions
@@ -194,7 +198,7 @@ class Participant:
                  if ready and r.forwarded_epoch == self._epoch()]
         if self._behind():
             times.append(self._fetch_at_s)
-        if self._requests and not ready:
+        if not ready:
             times.append(self._report_at_s)
         return min(times) if times and self.online else None
 
