@@ -234,19 +234,22 @@ class Cluster:
         participant = node.member.participant
         if source.crashed:
             return participant.snapshot_failed(self.now_s)
-        if len(source.applied) > len(node.applied):
-            node.applied = list(source.applied)
-            node.replica = DictReplica()
-            for _, _, record in node.applied:
-                node.replica.apply(record)
-            node.batches = list(source.batches)
-            node.prepared = {s: b for s, b in node.prepared.items() if s > len(node.applied)}
+        copy_replica(source, node)
         kept = tuple(node.batches[-PARTICIPANT_CONFIG.log_keep_batches:])
         return participant.installed_snapshot(len(node.applied), kept, self.now_s)
 
-    def restart(self, name: str) -> None:
-        """A crashed node starts again from what it made durable, and is admitted again."""
+    def restart(self, name: str, quick: bool = False) -> None:
+        """A crashed node starts again from what it made durable. Still a member, it is
+        back at once: in a new epoch, or (`quick`: restarted before the failure detector
+        noticed) in the same epoch, told only its view; removed meanwhile, it re-joins, and
+        the membership layer
+        admits a joiner only once it has caught up with a member (`AdmitMember`): here, a
+        copy of the most advanced live member's replica, made before the view includes it."""
         node = self.nodes[name]
+        if name not in self.view.members:
+            live = [self.nodes[m] for m in self.view.members if not self.nodes[m].crashed]
+            if live:
+                copy_replica(max(live, key=lambda n: len(n.applied)), node)
         applied_seq = len(node.applied)
         prepared = tuple(b for s, b in sorted(node.prepared.items()) if s > applied_seq)
         kept = tuple(node.batches[-PARTICIPANT_CONFIG.log_keep_batches:])
@@ -257,6 +260,10 @@ class Cluster:
                                          first_request_id=first_id), self.config)
         node.crashed = False
         self.seen.add("restart")
+        if quick and name in self.view.members and not self.nodes[self.view.leader].crashed:
+            self.seen.add("quick restart")
+            self._schedule(0.0, ("view", name, self.view))
+            return
         members = self.view.members + (() if name in self.view.members else (name,))
         leader = self.view.leader if not self.nodes[self.view.leader].crashed else name
         self.install(members, leader, members)
@@ -265,8 +272,9 @@ class Cluster:
         key = (node.name, reply.request_id)
         assert key not in self.answers, f"{key} answered twice"
         self.answers[key] = reply.errno
-        if reply.errno == 0:  # success: applied on every member of the view
-            for name in self.view.members:
+        view = node.member.view
+        if reply.errno == 0 and view is not None:  # success: applied on every member of
+            for name in view.members:  # the view it was decided in (the replier's)
                 assert key in {k for _, k, _ in self.nodes[name].applied}, \
                     f"{key} answered before {name} applied it"
 
@@ -309,6 +317,17 @@ class Cluster:
         else:
             raise AssertionError("simulation does not settle")
         self.now_s = end_s
+
+
+def copy_replica(source: SimNode, node: SimNode) -> None:
+    """What a snapshot does: `node` takes the source's applied state if it is further on."""
+    if len(source.applied) > len(node.applied):
+        node.applied = list(source.applied)
+        node.replica = DictReplica()
+        for _, _, record in node.applied:
+            node.replica.apply(record)
+        node.batches = list(source.batches)
+        node.prepared = {s: b for s, b in node.prepared.items() if s > len(node.applied)}
 
 
 def live_first(cluster: Cluster, members: tuple[str, ...]) -> str:
@@ -360,11 +379,11 @@ class CommitModel(RuleBasedStateMachine):
             self.cluster.remove(victim, tell=False)
 
     @precondition(lambda self: any(n.crashed for n in self.cluster.nodes.values()))
-    @rule(index=st.integers(0, 4))
-    def restart(self, index: int) -> None:
+    @rule(index=st.integers(0, 4), quick=st.booleans())
+    def restart(self, index: int, quick: bool) -> None:
         """A crashed node starts again from its durable state and re-joins."""
         crashed = [n.name for n in self.cluster.nodes.values() if n.crashed]
-        self.cluster.restart(crashed[index % len(crashed)])
+        self.cluster.restart(crashed[index % len(crashed)], quick)
 
     @precondition(lambda self: len(self._live_members()) >= 3)
     @rule()
@@ -428,7 +447,7 @@ class CommitModel(RuleBasedStateMachine):
         applied = max(len(n.applied) for n in cluster.nodes.values())
         event(f"records applied: {min(applied, 10) // 5 * 5}+")
         for kind in ("CatchUp", "LogEntries", "Refused", "redrive", "Decide-abort",
-                     "snapshot", "restart"):
+                     "snapshot", "restart", "quick restart"):
             event(f"{kind}: {kind in cluster.seen}")
 
 
@@ -457,6 +476,7 @@ def check_quiet(cluster: Cluster) -> None:
         assert node.replica.names == model.names
         assert cluster.stalled or not node.member.participant.pending_requests(), \
             describe(cluster)
+        assert cluster.stalled or node.member.participant.serving, f"{node.name} not serving"
     applied = {key for _, key, _ in reference.applied}
     for key, code in cluster.answers.items():
         if code == 0:
