@@ -205,6 +205,12 @@ class FileSystem:
         try:
             return from_inode(inode, self._blockdir.stat(inode.ino))
         except FileNotFoundError:
+            if inode.nlink == 0:
+                # Unlinked, and purged by another node, whose Purge is not applied here
+                # yet; the kernel here still remembers the inode. It is gone: ESTALE makes
+                # the kernel look the name up again (and find nothing).
+                log.debug("inode %d was purged elsewhere", inode.ino)
+                raise _errno(errno.ESTALE) from None
             log.error("backing file of inode %d is missing (run clusterfs fsck)", inode.ino)
             raise _errno(errno.EIO) from None
 

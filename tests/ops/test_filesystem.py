@@ -63,6 +63,30 @@ async def test_create_write_read_through_backing_file(rig: Rig) -> None:
     rig.fs.release(fh)
 
 
+@pytest.mark.allow_error_logs
+async def test_an_unlinked_inode_purged_elsewhere_is_stale_and_a_linked_one_is_damage(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """The kernel here still remembers an inode that another node has unlinked and purged
+    (removed its backing file) before this replica applied the Purge: ESTALE, no error
+    logged. A linked inode without its backing file is damage: EIO and an error line."""
+    fh, gone = await rig.fs.create(ROOT_INO, b"gone", 0o644, os.O_RDWR, ROOT)
+    rig.fs.release(fh)
+    fh, kept = await rig.fs.create(ROOT_INO, b"kept", 0o644, os.O_RDWR, ROOT)
+    rig.fs.release(fh)
+    await rig.fs.unlink(ROOT_INO, b"gone")  # the kernel still holds its lookup: no purge
+    for ino in (gone.ino, kept.ino):
+        os.unlink(rig.blockdir.path(ino))
+    with pytest.raises(NamespaceError) as stale:
+        rig.fs.getattr(gone.ino)
+    assert stale.value.errno == errno.ESTALE
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
+    with pytest.raises(NamespaceError) as damaged:
+        rig.fs.getattr(kept.ino)
+    assert damaged.value.errno == errno.EIO
+    assert any("backing file of inode" in rec.getMessage() for rec in caplog.records
+               if rec.levelname == "ERROR")
+
+
 async def test_unlinked_open_file_lives_until_forget_and_release(rig: Rig) -> None:
     fh, attrs = await rig.fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, ROOT)
     await rig.fs.write(fh, 0, b"data")
