@@ -223,7 +223,12 @@ class Membership:
         if view.leader != self.name:
             actions.append(Send(view.leader, event))
         elif event.node in view.members:
-            self.failed[event.node] = "re-joining"  # removed first, admitted afresh later
+            # A member asking again went offline: removed first, admitted afresh later.
+            # Unless it asked before this view, which already has it: a request repeated
+            # during a partition and delivered after the heal. Were it really gone, the
+            # failure detector removes it and its next request admits it.
+            if event.known_epoch >= view.epoch:
+                self.failed[event.node] = "re-joining"
         elif event.node not in self.joins.admitted:
             self.joins.admitted[event.node] = (event, now_s)
             actions.append(AdmitMember(event.node, event.address, event.applied_seq))
@@ -444,7 +449,8 @@ class Membership:
 
     def _start_join(self, event: Rejoin, now_s: float, actions: list[Action]) -> None:
         self.state = JOINING
-        self.join_request = JoinRequest(self.name, event.address, event.applied_seq)
+        self.join_request = JoinRequest(self.name, event.address, event.applied_seq,
+                                        self.last_epoch)
         self.join_contacts = event.contacts
         self._send_join(now_s, actions)
 

@@ -93,11 +93,13 @@ class Welcome(msgspec.Struct, frozen=True, tag="welcome"):
 
 
 class JoinRequest(msgspec.Struct, frozen=True, tag="join-request"):
-    """`node`, reachable at `address`, asks to join; it has applied up to `applied_seq`."""
+    """`node`, reachable at `address`, asks to join; it has applied up to `applied_seq`
+    and knew of views up to `known_epoch` when it started asking."""
 
     node: str
     address: str
     applied_seq: int = 0
+    known_epoch: int = 0
 
 
 class Leave(msgspec.Struct, frozen=True, tag="leave"):

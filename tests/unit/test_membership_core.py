@@ -275,8 +275,22 @@ def test_joiner_gets_a_welcome_and_old_members_an_install() -> None:
 
 def test_join_request_from_a_member_removes_it_first() -> None:
     leader = Membership("a", ABC, 0.0)
-    leader.handle(JoinRequest("c", "c:7000"), 0.1)
+    leader.handle(JoinRequest("c", "c:7000", 0, ABC.epoch), 0.1)
     assert leader.proposer is not None and leader.proposer.wanted == View(2, ("a", "b"), "a")
+
+
+def test_a_join_request_older_than_the_view_that_has_the_member_is_ignored() -> None:
+    """Sent during a partition, delivered after the heal that admitted its sender."""
+    leader = Membership("a", View(5, ("a", "b", "c"), "a"), 0.0)
+    assert leader.handle(JoinRequest("c", "c:7000", 0, 4), 0.1) == []
+    assert leader.proposer is None and not leader.failed
+
+
+def test_a_join_request_names_the_last_epoch_its_sender_knew() -> None:
+    node = Membership("c", View(6, ("a", "b", "c"), "a"), 0.0)
+    node.handle(Install(7, "a", View(7, ("a", "b"), "a")), 0.1)  # c was removed in 7
+    actions = node.handle(Rejoin(("a",), "c:7000", 9), 0.2)
+    assert sends(actions) == [("a", JoinRequest("c", "c:7000", 9, 7))]
 
 
 def test_member_failed_on_the_leader_proposes_removal() -> None:

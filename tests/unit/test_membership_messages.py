@@ -42,6 +42,7 @@ EXAMPLES: list[Message] = [
     Install(3, "a", VIEW),
     Welcome(3, "a", VIEW),
     JoinRequest("d", "10.0.0.4:7000", 17),
+    JoinRequest("d", "10.0.0.4:7000", 17, 12),
     Leave("c"),
 ]
 
