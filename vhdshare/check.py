@@ -20,10 +20,12 @@ from vhdshare.vhd import DISK_TYPE_DYNAMIC, VHD_FOOTER, VhdError, validate_foote
 from vhdshare.vhdfile import os_errors_as_vhd, read_footer_at
 
 REPAIRED = " (repaired)"
+REPAIRABLE = " (repairable: check --repair)"
 
 
 def check_image(path: str | os.PathLike[str], repair: bool = False) -> list[str]:
-    """Problems found in the image at `path`; repaired ones end with " (repaired)".
+    """Problems found in the image at `path`; repaired ones end with REPAIRED, ones that
+    `repair=True` would repair end with REPAIRABLE, the others with neither.
 
     A file that cannot be opened at all is a VhdError.
     """
@@ -75,7 +77,7 @@ def _check_footer_copy(fd: int, trailing_offset: int, repair: bool) -> list[str]
     except VhdError as exc:
         problem = f"footer copy at offset 0 is damaged: {exc}"
     if not repair:
-        return [problem]
+        return [problem + REPAIRABLE]
     pwrite_all(fd, trailing_raw, 0)
     os.fsync(fd)
     return [problem + REPAIRED]
@@ -95,7 +97,7 @@ def _trailing_footer_damaged(fd: int, file_size_bytes: int, why: str, repair: bo
     except VhdError as exc:
         return [problem, f"cannot repair: {exc}"]
     if not repair:
-        return [problem]
+        return [problem + REPAIRABLE]
     _write_trailing_footer(fd, max(end_bytes, file_size_bytes - VHD_FOOTER.size))
     return [problem + REPAIRED]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from vhdshare.blockimage import SECTOR_SIZE, ImageError, RawImage
-from vhdshare.check import REPAIRED, check_image
+from vhdshare.check import REPAIRABLE, REPAIRED, check_image
 from vhdshare.convert import TARGET_TYPES, convert
 from vhdshare.image import create_image, looks_like_vhd, open_image
 
@@ -89,8 +89,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{args.path}: no problems found")
     elif not unrepaired:
         print(f"{args.path}: all problems repaired")
-    elif not args.repair:
+    elif any(p.endswith(REPAIRABLE) for p in unrepaired):
         print(f"{args.path}: {len(unrepaired)} problem(s); try --repair", file=sys.stderr)
+    else:
+        print(f"{args.path}: {len(unrepaired)} problem(s) that cannot be repaired safely "
+              "(restore the image from a backup)", file=sys.stderr)
     return 1 if unrepaired else 0
 
 

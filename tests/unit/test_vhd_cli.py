@@ -47,6 +47,20 @@ def test_check_reports_and_repairs(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 0 and "(repaired)" in out and path.read_bytes() == raw
 
 
+def test_check_does_not_suggest_a_repair_it_cannot_make(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "f.vhd"
+    assert main(["create", str(path), "--size", "4M", "--type", "fixed"]) == 0
+    damaged = path.read_bytes()[:-512] + b"conectix" + bytes(504)  # the only footer lost
+    path.write_bytes(damaged)
+    for argv in (["check", str(path)], ["check", str(path), "--repair"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 1 and "cannot repair" in out
+        assert "try --repair" not in err and "cannot be repaired safely" in err
+        assert len(err.splitlines()) == 1
+    assert path.read_bytes() == damaged
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

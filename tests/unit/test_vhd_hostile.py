@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vhdshare import vhd
-from vhdshare.check import check_image
+from vhdshare.check import REPAIRABLE, check_image
 from vhdshare.dynamic import DynamicImage
 from vhdshare.image import FixedImage, create_image, open_image
 from vhdshare.vhd import VhdError, parse_dynamic_header, parse_footer
@@ -158,7 +158,7 @@ def test_check_clean_and_repair_footer_copy(tmp_path: Path) -> None:
     assert check_image(path) == []
     path.write_bytes(bytes(512) + raw[512:])
     assert check_image(path) == ["footer copy at offset 0 is damaged: "
-                                 "no VHD footer (cookie 'conectix' missing)"]
+                                 "no VHD footer (cookie 'conectix' missing)" + REPAIRABLE]
     assert check_image(path, repair=True)[0].endswith("(repaired)")
     assert path.read_bytes() == raw
     assert check_image(path) == []
