@@ -96,8 +96,11 @@ def _announce_huge_frame(address: str) -> bool:
                      for k, v in ((b"Socket-Type", b"DEALER"), (b"Identity", b"huge")))
     ready = b"\x05READY" + props
     with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(greeting + b"\x04" + bytes([len(ready)]) + ready)
-        sock.sendall(b"\x02" + (16 << 30).to_bytes(8, "big") + b"x" * 100)
+        try:
+            sock.sendall(greeting + b"\x04" + bytes([len(ready)]) + ready)
+            sock.sendall(b"\x02" + (16 << 30).to_bytes(8, "big") + b"x" * 100)
+        except (ConnectionResetError, BrokenPipeError):
+            return True  # hung up during the greeting already
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             try:
