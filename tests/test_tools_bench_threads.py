@@ -1,0 +1,34 @@
+"""Smoke test of tools/bench_threads.py: a short run on a 1-node cluster prints a CPU figure
+for the node's kinds of threads. No timing assertions (DESIGN.md section 5)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)"),
+]
+
+
+def test_a_short_run_reports_the_threads_of_each_node() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_threads.py"), "--nodes", "1",
+         "--clients", "2", "--seconds", "1"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("1 node(s), 2 client(s): about ")
+    rows = [line.split() for line in lines[2:]]
+    kinds = {" ".join(row[1:-3]) for row in rows if row[0] == "n1"}
+    assert {"main + invalid.", "trio workers"} <= kinds, proc.stdout
+    main = next(row for row in rows if row[1] == "main")
+    assert float(main[-2].replace(",", "")) > 0, "the node's loop served creates with no CPU"
