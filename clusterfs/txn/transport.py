@@ -52,6 +52,7 @@ MAX_PAYLOAD_BYTES = 64 << 20
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks (RFC 27/ZAP)
 ZAP_VERSION = b"1.0"
 REFUSAL_LOG_INTERVAL_S = 10.0
+REFUSAL_ADDRESSES_KEPT = 1024  # a flood from many addresses must not grow memory
 
 Handler = Callable[[str, bytes], None]
 ControlHandler = Callable[[bytes], bytes]
@@ -215,6 +216,8 @@ class Transport:
         now_s = trio.current_time()
         if now_s - self._refusals_logged_s.get(address, -REFUSAL_LOG_INTERVAL_S) \
                 >= REFUSAL_LOG_INTERVAL_S:
+            if len(self._refusals_logged_s) >= REFUSAL_ADDRESSES_KEPT:
+                self._refusals_logged_s.clear()
             self._refusals_logged_s[address] = now_s
             log.warning("refused a connection from %s: %s", address or "?", reason)
 

@@ -331,6 +331,20 @@ async def test_a_peer_without_the_cluster_keys_gets_nothing_through(
     assert cluster.inboxes["b"].received == [("a", CHANNEL_TXN, b"from the real a")]
 
 
+async def test_refusals_are_logged_once_per_interval_and_address_with_bounded_memory(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "REFUSAL_ADDRESSES_KEPT", 3)
+    node = Transport("a", free_address(), lambda name: None, CLUSTER)
+    for address in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):
+        node._log_refusal(address, "not the cluster's key")
+    logged = [r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert logged == ["refused a connection from 10.0.0.1: not the cluster's key",
+                      "refused a connection from 10.0.0.2: not the cluster's key"]
+    for i in range(10):
+        node._log_refusal(f"10.0.1.{i}", "not the cluster's key")
+    assert len(node._refusals_logged_s) <= 3
+
+
 async def test_a_request_with_another_clusters_credentials_fails_in_one_line(
         nursery: trio.Nursery) -> None:
     cluster = Cluster(nursery)
