@@ -32,3 +32,16 @@ def test_a_short_run_reports_the_threads_of_each_node() -> None:
     assert {"main + invalid.", "trio workers"} <= kinds, proc.stdout
     main = next(row for row in rows if row[1] == "main")
     assert float(main[-2].replace(",", "")) > 0, "the node's loop served creates with no CPU"
+
+
+def test_the_passthrough_reference_reports_its_daemon() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_threads.py"), "--passthrough",
+         "--clients", "2", "--seconds", "1"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("passthrough, 2 client(s): about "), proc.stdout
+    rows = [line.split() for line in lines[2:]]
+    main = next(row for row in rows if row[0] == "pt" and row[1] != "trio")
+    assert float(main[-2].replace(",", "")) > 0, "the passthrough served creates with no CPU"
