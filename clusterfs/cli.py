@@ -21,8 +21,9 @@ from typing import BinaryIO
 
 import trio
 
-from clusterfs import fsck, status
+from clusterfs import clientcli, fsck, status
 from clusterfs.blockdir import BlockDirError, format_blockdir, open_blockdir
+from clusterfs.client import ClientError
 from clusterfs.credentials import (
     CREDENTIALS_FILE,
     Credentials,
@@ -346,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true")
     p.set_defaults(func=cmd_fsck)
 
+    clientcli.add_parser(sub)
+
     p = sub.add_parser("demo", help="a 3-node cluster on loopback with a short tour")
     p.add_argument("dir", nargs="?")
     p.add_argument("--no-wait", action="store_true", help="stop after the tour")
@@ -363,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (UsageError, BlockDirError, CredentialsError, NodeError, StatusError) as exc:
+    except (UsageError, BlockDirError, CredentialsError, NodeError, StatusError, ClientError,
+            clientcli.ClientUsageError) as exc:
         print(f"clusterfs: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -218,6 +218,13 @@ class FileSystem:
         return self._attrs(self._inode(ino))
 
     def lookup(self, parent: int, name: bytes) -> Attributes:
+        """`find`, for the kernel: it now holds one more lookup reference to the inode."""
+        attrs = self.find(parent, name)
+        self.remember(attrs.ino)
+        return attrs
+
+    def find(self, parent: int, name: bytes) -> Attributes:
+        """The attributes of `name` in directory `parent` (also "." and "..")."""
         if len(name) > NAME_MAX_BYTES:
             raise _errno(errno.ENAMETOOLONG)
         with self._store.read() as view:
@@ -231,9 +238,7 @@ class FileSystem:
                 inode = None if entry is None else view.get_inode(entry.ino)
         if inode is None:
             raise _errno(errno.ENOENT)
-        attrs = self._attrs(inode)
-        self.remember(inode.ino)
-        return attrs
+        return self._attrs(inode)
 
     def remember(self, ino: int, count: int = 1) -> None:
         """The kernel now holds `count` more lookup references to `ino`."""
@@ -468,6 +473,11 @@ class FileSystem:
             return self._handles[fh]
         except KeyError:
             raise _errno(errno.EBADF) from None
+
+    def handle_file(self, fh: int) -> tuple[int, int]:
+        """The inode and backing file descriptor of handle `fh` (for a tunnel service)."""
+        handle = self._handle(fh)
+        return handle.ino, handle.fd
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self._handle(fh).fd, size, offset)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +26,21 @@ from clusterfs.credentials import credentials_path, load_credentials
 from clusterfs.filesystem import FileSystem
 from clusterfs.fuse_ops import Operations, invalidating, mount_options
 from clusterfs.membership.driver import RECOVERABLE_OFFLINE, MembershipDriver, stored_view
+from clusterfs.membership.view import View as MembershipView
 from clusterfs.membership.witness import Witness
 from clusterfs.namespace import initialise
+from clusterfs.protocol.messages import Member
+from clusterfs.protocol.ops import FileOps
+from clusterfs.protocol.server import ProtocolServer
 from clusterfs.registry import Registry, RegistryError, check_name
 from clusterfs.status import mount_source
 from clusterfs.store import CLUSTER_ID, Store
 from clusterfs.txn.actions import RemoveMember
 from clusterfs.txn.driver import CommitDriver
 from clusterfs.txn.transport import (
+    CHANNEL_LB,
     CHANNEL_MEMBERSHIP,
+    CHANNEL_PROTOCOL,
     CHANNEL_TXN,
     Transport,
     TransportError,
@@ -108,7 +115,8 @@ async def _stop_on_signals() -> None:
 
 class Node:
     """One cluster node's services, wired together: transport, commit and membership
-    drivers, the file system layer, and the control requests of the command line."""
+    drivers, the file system layer, the file protocol's sessions, and the control requests
+    of the command line."""
 
     def __init__(self, config: NodeConfig, blockdir: BlockDir, store: Store) -> None:
         self.config = config
@@ -124,8 +132,14 @@ class Node:
             config.name, config.listen, store, self._send_membership, self.commit,
             Witness(self.registry.cluster_dir), self._went_offline)
         self.fs.committer = self.commit
+        self.protocol = ProtocolServer(
+            config.name, FileOps(self.fs), self._send_client, self._send_lb,
+            incarnation=time.time_ns() // 1000)
+        self.membership.view_listeners.append(self._view_installed)
         self.transport.on(CHANNEL_TXN, self.commit.on_frame)
         self.transport.on(CHANNEL_MEMBERSHIP, self.membership.on_frame)
+        self.transport.on(CHANNEL_LB, self.protocol.on_peer)
+        self.transport.on(CHANNEL_PROTOCOL, self.protocol.on_client)
         self.transport.on_control(self._control)
         self._mounted = False
 
@@ -135,11 +149,24 @@ class Node:
     def _send_membership(self, to: str, payload: bytes) -> None:
         self.transport.send(to, CHANNEL_MEMBERSHIP, payload)
 
+    def _send_lb(self, to: str, payload: bytes) -> None:
+        self.transport.send(to, CHANNEL_LB, payload)
+
+    def _send_client(self, client: str, payload: bytes) -> None:
+        self.transport.reply(client, CHANNEL_PROTOCOL, payload)
+
+    def _view_installed(self, view: MembershipView) -> None:
+        addresses = {name: self.registry.address(name) or "" for name in view.members}
+        addresses[self.config.name] = self.config.listen
+        self.protocol.on_view(view.epoch, [Member(name, addresses[name])
+                                           for name in view.members])
+
     def _commit_report(self, report: RemoveMember) -> None:
         self.membership.on_commit_report(report)
 
     def _went_offline(self, reason: str) -> None:
         self.fs.offline_reason = reason
+        self.protocol.push()  # its clients go elsewhere
         if reason.startswith("left") and self._mounted:
             pyfuse3.terminate()  # `clusterfs leave`: unmount once the view is without us
         elif self._mounted and reason.startswith(RECOVERABLE_OFFLINE):
@@ -154,6 +181,7 @@ class Node:
             if self.commit.serving and self.fs.offline_reason:
                 log.warning("serving again (offline was: %s)", self.fs.offline_reason)
                 self.fs.offline_reason = ""
+                self.protocol.push()
             await self.commit.changed.wait()
 
     # -- start-up ---------------------------------------------------------------------------
@@ -217,6 +245,7 @@ class Node:
             self.membership.stop_rejoining()
             await nursery.start(self.fs.remove_purged)
             await nursery.start(self.fs.spares.run)
+            await nursery.start(self.protocol.run)
             nursery.start_soon(self._serve_when_caught_up)
             nursery.start_soon(_stop_on_signals)
             await self._serve_mount(ready)
@@ -234,6 +263,7 @@ class Node:
         finally:
             self._mounted = False
             pyfuse3.close(unmount=True)
+            self.protocol.close_all()
             self.fs.close_all()
             self.fs.remove_purged_now()
 
@@ -263,7 +293,8 @@ class Node:
             reason=reason, epoch=view.epoch if view is not None else 0,
             leader=view.leader if view is not None else "", members=members,
             addresses=addresses, applied_seq=self.commit.applied_seq,
-            digest=self.store.digest(), mountpoint=str(self.config.mountpoint))
+            digest=self.store.digest(), mountpoint=str(self.config.mountpoint),
+            sessions=len(self.protocol.sessions))
 
 
 def _single_node_error(group: BaseExceptionGroup) -> BaseException:

@@ -52,6 +52,7 @@ class NodeStatus(msgspec.Struct, frozen=True, tag="node-status"):
     applied_seq: int
     digest: str
     mountpoint: str
+    sessions: int = 0  # file protocol sessions held by the node
 
 
 class LeaveReply(msgspec.Struct, frozen=True, tag="leave-reply"):
@@ -184,10 +185,11 @@ def render_table(nodes: list[NodeStatus]) -> str:
     newest = max(nodes, key=lambda n: n.epoch)
     lines = [f"cluster epoch {newest.epoch}, leader {newest.leader or '-'}, "
              f"members {', '.join(newest.members) or '-'}",
-             f"{'NODE':<12} {'ADDRESS':<22} {'STATE':<11} {'EPOCH':>5} {'APPLIED':>9}  DIGEST"]
+             f"{'NODE':<12} {'ADDRESS':<22} {'STATE':<11} {'EPOCH':>5} {'APPLIED':>9} "
+             f"{'SESSIONS':>8}  DIGEST"]
     for n in nodes:
         lines.append(f"{n.name:<12} {n.address:<22} {n.state:<11} {n.epoch:>5} "
-                     f"{n.applied_seq:>9}  {n.digest[:16] or '-'}")
+                     f"{n.applied_seq:>9} {n.sessions:>8}  {n.digest[:16] or '-'}")
         if n.reason:
             lines.append(f"{'':<12} {n.reason}")
     equal = digests_equal(nodes)

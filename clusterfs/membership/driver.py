@@ -81,6 +81,7 @@ class MembershipDriver:
         self.core: Membership | None = None
         self._rejoin_contacts: tuple[str, ...] = ()
         self._nursery: trio.Nursery | None = None
+        self.view_listeners: list[Callable[[View], None]] = []  # told of each view installed
 
     # -- start-up ---------------------------------------------------------------------------
     def found(self, now_s: float) -> None:
@@ -98,6 +99,7 @@ class MembershipDriver:
             self._store), online=offline is None)
         if self.core.online:
             self._commit.on_view(to_commit_view(view))
+            self._tell_listeners(view)
         else:
             log.info("offline since the last run (%s); re-joining", offline)
             self._commit.go_offline(offline or "not a member")
@@ -193,6 +195,11 @@ class MembershipDriver:
         log.info("view %d: members %s, leader %s", view.epoch, ", ".join(view.members),
                  view.leader)
         self._commit.on_view(to_commit_view(view))
+        self._tell_listeners(view)
+
+    def _tell_listeners(self, view: View) -> None:
+        for listener in self.view_listeners:
+            listener(view)
 
     def _go_offline(self, reason: str) -> None:
         log.warning("going offline: %s", reason)

@@ -3,15 +3,18 @@
 Each node binds one ROUTER socket on its listen address and receives everything there as
 `[sender identity, channel, payload]`. It sends through one DEALER per destination, whose
 identity is the node's name, so a receiver always knows which node spoke. A channel byte
-string says which layer a payload is for: the commit protocol, membership, or control
-requests from the command line (which get their reply on the ROUTER, to the asking DEALER).
+string says which layer a payload is for: the commit protocol, membership, the balancer,
+control requests from the command line (which get their reply on the ROUTER, to the asking
+DEALER), or the file protocol's clients (whose results go back the same way, later: `reply`).
 
 The ROUTER is owned by the receive task (which also sends the control replies). zmq's file
 descriptor is edge-triggered: it signals a change of the socket's state, not readiness, so
 the receive loop always drains the socket and reads `EVENTS` before it waits again; no other
-task may wait on it. The DEALERs are only ever sent on, without blocking, from the trio
-thread, so no task ever waits on them: `send` uses them directly, which saves a task switch
-per message (a commit round is six one-way messages).
+task may wait on it. A `reply` sent on the ROUTER from another task can take the edge that
+the receive task waits for, so it wakes that task to look again. The DEALERs are only ever
+sent on, without blocking, from the trio thread, so no task ever waits on them: `send` uses
+them directly, which saves a task switch per message (a commit round is six one-way
+messages).
 
 Every connection is authenticated and encrypted with CURVE: each node is a CURVE server and
 client with the cluster's key pair (`clusterfs.credentials`), and its ZAP handler admits a
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +49,8 @@ log = logging.getLogger(__name__)
 CHANNEL_TXN = b"t"
 CHANNEL_MEMBERSHIP = b"m"
 CHANNEL_CONTROL = b"c"
+CHANNEL_LB = b"l"  # node to node: the balancers
+CHANNEL_PROTOCOL = b"p"  # client to node and back: the file protocol
 
 SEND_HWM_MESSAGES = 10_000
 RESOLVE_TTL_S = 1.0  # a restarted peer may listen elsewhere; its registry entry says where
@@ -131,6 +137,8 @@ class Transport:
         # would keep taking the identity from each other (a joiner talks to a contact's
         # address first, then to the same node by name).
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
+        self._router: zmq.Socket[bytes] | None = None
+        self._router_wait: dict[str, trio.CancelScope] = {}  # while the receive task waits
 
     def on(self, channel: bytes, handler: Handler) -> None:
         self._handlers[channel] = handler
@@ -151,6 +159,18 @@ class Transport:
             dealer.send_multipart([channel, payload], zmq.NOBLOCK)
         except zmq.Again:
             log.debug("send queue to %s is full; message dropped", to)
+
+    def reply(self, identity: str, channel: bytes, payload: bytes) -> None:
+        """Send `payload` back to a peer that spoke to this node's listen address (a file
+        protocol client) without waiting; dropped if it cannot be queued."""
+        router = self._router
+        if router is None:
+            return
+        try:
+            router.send_multipart([identity.encode(), channel, payload], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("reply to %s dropped: %s", identity, exc)
+        _wake(self._router_wait, "")  # the send may have taken the receive task's edge
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -175,6 +195,7 @@ class Transport:
                                      ) from None
             monitor = router.get_monitor_socket(_HANDSHAKE_FAILED)
             self._closed = False
+            self._router = router
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_zap, zap)
                 nursery.start_soon(self._log_failed_handshakes, monitor)
@@ -182,6 +203,7 @@ class Transport:
                 await self._receive_loop(router)
         finally:
             self._closed = True
+            self._router = None
             with contextlib.suppress(zmq.ZMQError):
                 router.disable_monitor()
             router.close()
@@ -206,9 +228,13 @@ class Transport:
         try:
             while True:
                 event = parse_monitor_message(await receive_multipart(monitor))
-                if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP logged those
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:  # ZAP logs AUTH
                     self._log_refusal("a peer", "it failed the secure handshake (no "
                                       "credentials, or another cluster's)")
+                elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                    # Mostly a peer that hung up mid-handshake: a client closing the
+                    # connections to the nodes that did not take its session.
+                    log.debug("a handshake ended early (error %s)", event["value"])
         finally:
             monitor.close()
 
@@ -224,7 +250,7 @@ class Transport:
     # -- receiving ------------------------------------------------------------------------
     async def _receive_loop(self, router: zmq.Socket[bytes]) -> None:
         while True:
-            frames = await receive_multipart(router)
+            frames = await _receive_wakeable(router, self._router_wait, "")
             if len(frames) != 3 or len(frames[2]) > MAX_PAYLOAD_BYTES:
                 log.warning("dropped a malformed frame set (%d frames)", len(frames))
                 continue
@@ -307,6 +333,28 @@ async def receive_multipart(sock: zmq.Socket[bytes]) -> list[bytes]:
         await trio.lowlevel.wait_readable(cast(int, sock.getsockopt(zmq.FD)))
 
 
+async def _receive_wakeable(sock: zmq.Socket[bytes], waits: dict[str, trio.CancelScope],
+                            key: str) -> list[bytes]:
+    """`receive_multipart` for a socket that other tasks also send on: while it waits, its
+    cancel scope is `waits[key]`, which a sender cancels (`_wake`) to make it look again."""
+    while True:
+        try:
+            return sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            continue
+        with trio.CancelScope() as waits[key]:
+            await trio.lowlevel.wait_readable(cast(int, sock.getsockopt(zmq.FD)))
+        del waits[key]
+
+
+def _wake(waits: dict[str, trio.CancelScope], key: str) -> None:
+    wait = waits.get(key)
+    if wait is not None:
+        wait.cancel()
+
+
 async def request(address: str, payload: bytes, timeout_s: float,
                   credentials: Credentials) -> bytes:
     """One control request to the node listening on `address` (for the command line)."""
@@ -359,3 +407,103 @@ async def _reply_or_refusal(dealer: zmq.Socket[bytes], monitor: zmq.Socket[bytes
     if isinstance(outcome[0], TransportError):
         raise outcome[0]
     return outcome[0]
+
+
+_CLIENT_MAX_SOCKETS = 16_384
+CLIENT_LINGER_MS = 200
+_client_contexts: dict[int, zmq.Context[Any]] = {}  # by process id: a fork needs its own
+
+
+def _client_context() -> zmq.Context[Any]:
+    """One context (one I/O thread) for every client of a process: a process may run
+    hundreds (a VM host's disks, a test); each uses two sockets per node."""
+    context = _client_contexts.get(os.getpid())
+    if context is None:
+        context = _client_contexts[os.getpid()] = zmq.Context()
+        context.set(zmq.MAX_SOCKETS, _CLIENT_MAX_SOCKETS)
+    return context
+
+
+class ClientTransport:
+    """A file protocol client's side: one DEALER per node address, all with one identity,
+    and CURVE with the cluster's credentials; `run` serves until cancelled.
+
+    Messages from node `address` go to `on_message(address, payload)`; a node that refuses
+    the credentials is reported once per connection to `on_refused(address, reason)`."""
+
+    def __init__(self, identity: str, credentials: Credentials,
+                 on_message: Callable[[str, bytes], None],
+                 on_refused: Callable[[str, str], None]) -> None:
+        self.identity = identity
+        self._credentials = credentials
+        self._on_message = on_message
+        self._on_refused = on_refused
+        self._context: zmq.Context[Any] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._dealers: dict[str, zmq.Socket[bytes]] = {}
+        # A send on a DEALER can take the edge its receive task waits for: it wakes it.
+        self._waits: dict[str, trio.CancelScope] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        self._context = _client_context()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            for dealer in self._dealers.values():
+                with contextlib.suppress(zmq.ZMQError):
+                    dealer.disable_monitor()
+                dealer.close()
+            self._dealers.clear()
+
+    def connect(self, address: str) -> None:
+        """Start talking to the node at `address` (HOST:PORT); no-op if already."""
+        if address in self._dealers or self._context is None or self._nursery is None:
+            return
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, CLIENT_LINGER_MS)  # a last CloseSession goes out
+        dealer.setsockopt(zmq.SNDHWM, SEND_HWM_MESSAGES)
+        dealer.setsockopt(zmq.IDENTITY, self.identity.encode())
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        dealer.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES)
+        curve_client(dealer, self._credentials)
+        monitor = dealer.get_monitor_socket(_HANDSHAKE_FAILED)
+        dealer.connect(endpoint(address))
+        self._dealers[address] = dealer
+        self._nursery.start_soon(self._receive, address, dealer)
+        self._nursery.start_soon(self._watch_handshakes, address, monitor)
+
+    def send(self, address: str, payload: bytes) -> None:
+        """Send to the node at `address` without waiting (dropped if it cannot be queued:
+        the client's calls time out and are retried)."""
+        self.connect(address)
+        dealer = self._dealers.get(address)
+        if dealer is None:
+            return
+        try:
+            dealer.send_multipart([CHANNEL_PROTOCOL, payload], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("send to %s dropped: %s", address, exc)
+        _wake(self._waits, address)
+
+    async def _receive(self, address: str, dealer: zmq.Socket[bytes]) -> None:
+        while True:
+            frames = await _receive_wakeable(dealer, self._waits, address)
+            if len(frames) == 2 and frames[0] == CHANNEL_PROTOCOL:
+                self._on_message(address, frames[1])
+
+    async def _watch_handshakes(self, address: str, monitor: zmq.Socket[bytes]) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await receive_multipart(monitor))
+                self._on_refused(address, "it refused these credentials (not this cluster's)"
+                                 if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else
+                                 "the secure handshake failed (another cluster's credentials, "
+                                 "or not a clusterfs node)")
+        finally:
+            monitor.close()

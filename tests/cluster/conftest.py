@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from clusterfs.credentials import Credentials, credentials_path, load_credentials
 from tests.util import (
     clusterfs_command,
     free_port,
@@ -483,3 +484,20 @@ def croot(shared_cluster: Cluster) -> Iterator[str]:
     path.mkdir()
     os.chmod(path, 0o755)
     yield name
+
+
+# -- the file protocol --------------------------------------------------------------------------
+
+def credentials_of(cluster: Cluster) -> Credentials:
+    return load_credentials(credentials_path(cluster.blockdir))
+
+
+def addresses_of(cluster: Cluster) -> list[str]:
+    """The listen addresses of the cluster's live nodes (for protocol clients)."""
+    return [node.address for node in cluster.nodes if node.alive()]
+
+
+@pytest.fixture
+def credentials(shared_cluster: Cluster) -> Credentials:
+    """The shared cluster's credentials."""
+    return credentials_of(shared_cluster)

@@ -33,7 +33,7 @@ from tests.cluster.conftest import Cluster
 
 pytestmark = pytest.mark.mount
 
-CHANNELS = (b"t", b"m", b"c", b"x")
+CHANNELS = (b"t", b"m", b"c", b"l", b"p", b"x")
 
 
 def _raw_garbage(address: str, rng: random.Random) -> None:

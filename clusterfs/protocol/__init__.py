@@ -1,0 +1,1 @@
+"""The cluster file protocol: messages, the node side (ops, server), path checks."""
