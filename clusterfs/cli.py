@@ -28,8 +28,10 @@ from clusterfs.credentials import (
     CREDENTIALS_FILE,
     Credentials,
     CredentialsError,
+    create_client_key,
     credentials_path,
     load_credentials,
+    revoke_client_key,
 )
 from clusterfs.membership.driver import stored_view
 from clusterfs.node import NodeConfig, NodeError, open_replica, run
@@ -283,6 +285,19 @@ def cmd_leave(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_client_key(args: argparse.Namespace) -> int:
+    blockdir = open_blockdir(Path(args.blockdir)).root
+    if args.revoke:
+        revoke_client_key(blockdir, args.name)
+        print(f"client key {args.name} revoked (new connections are refused)")
+        return 0
+    if not args.file:
+        raise UsageError("give the FILE to write the new key to (or --revoke)")
+    create_client_key(blockdir, args.name, Path(args.file))
+    print(f"client key {args.name} written to {args.file}; use it with --credentials")
+    return 0
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -348,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fsck)
 
     clientcli.add_parser(sub)
+
+    p = sub.add_parser("client-key", help="make (or --revoke) a file protocol client's key")
+    p.add_argument("blockdir")
+    p.add_argument("name", help="the client's name in the cluster")
+    p.add_argument("file", nargs="?", help="where to write the new key (mode 0600)")
+    p.add_argument("--revoke", action="store_true", help="refuse the key from now on")
+    p.set_defaults(func=cmd_client_key)
 
     p = sub.add_parser("demo", help="a 3-node cluster on loopback with a short tour")
     p.add_argument("dir", nargs="?")

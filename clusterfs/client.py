@@ -41,7 +41,11 @@ import trio
 
 from clusterfs.credentials import Credentials
 from clusterfs.protocol import messages as m
-from clusterfs.txn.transport import ClientTransport
+from clusterfs.txn.transport import (
+    CLIENT_IDENTITY_PREFIX,
+    CLIENT_KEY_IDENTITY_PREFIX,
+    ClientTransport,
+)
 from lb.messages import SessionAccept, SessionBusy, SessionRequest
 
 log = logging.getLogger(__name__)
@@ -97,7 +101,9 @@ class Client:
         self._seeds = list(cluster)
         self._addresses: dict[str, str] = {}  # member name -> address
         self._epoch = 0
-        self._transport = ClientTransport(f"cli-{uuid.uuid4().hex}", credentials,
+        prefix = CLIENT_KEY_IDENTITY_PREFIX if credentials.is_client_key \
+            else CLIENT_IDENTITY_PREFIX
+        self._transport = ClientTransport(f"{prefix}{uuid.uuid4().hex}", credentials,
                                           self._on_message, self._on_refused)
         self._refused: dict[str, str] = {}
         self._call_ids = itertools.count(1)

@@ -22,7 +22,7 @@ import trio
 
 from clusterfs import status
 from clusterfs.blockdir import FORMAT_FILE, BlockDir, open_blockdir
-from clusterfs.credentials import credentials_path, load_credentials
+from clusterfs.credentials import authorised_client_keys, credentials_path, load_credentials
 from clusterfs.filesystem import FileSystem
 from clusterfs.fuse_ops import Operations, invalidating, mount_options
 from clusterfs.membership.driver import RECOVERABLE_OFFLINE, MembershipDriver, stored_view
@@ -124,7 +124,8 @@ class Node:
         self.registry = Registry(config.blockdir)
         self.fs = FileSystem(store, blockdir)
         self.transport = Transport(config.name, config.listen, self.registry.address,
-                                   load_credentials(credentials_path(config.blockdir)))
+                                   load_credentials(credentials_path(config.blockdir)),
+                                   lambda: authorised_client_keys(config.blockdir))
         self.commit = CommitDriver(config.name, store, self._send_txn, self.fs.on_applied,
                                    self._commit_report, self.registry.snapshots_dir,
                                    self.fs.caches_dropped)

@@ -24,7 +24,7 @@ class RegistryError(Exception):
 
 
 def check_name(name: str) -> str:
-    if not _NAME.fullmatch(name) or name.startswith("cli-"):
+    if not _NAME.fullmatch(name) or name.startswith(("cli-", "key-")):  # clients' identities
         raise RegistryError(f"invalid node name {name!r}: use up to 63 letters, digits, "
                             "'.', '_' or '-', starting with a letter or digit")
     return name

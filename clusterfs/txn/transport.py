@@ -18,8 +18,10 @@ messages).
 
 Every connection is authenticated and encrypted with CURVE: each node is a CURVE server and
 client with the cluster's key pair (`clusterfs.credentials`), and its ZAP handler admits a
-client only if it proves it holds that pair's secret key; a refused connection is logged at most
-every ten seconds per address. A stranger's messages never reach a handler.
+client only if it proves it holds that pair's secret key, or an authorised client key's; a
+refused connection is logged at most every ten seconds per address. A stranger's messages
+never reach a handler. ZAP marks a connection made with a client key (its User-Id), and
+what such a connection sends reaches the file protocol's handler only.
 
 Sending is best effort: the protocol cores resend what matters, so a message that cannot be
 queued (high-water mark reached, unknown destination) is dropped with a debug line. Messages
@@ -32,9 +34,9 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 import trio
 import zmq
@@ -60,6 +62,11 @@ ZAP_VERSION = b"1.0"
 REFUSAL_LOG_INTERVAL_S = 10.0
 REFUSAL_ADDRESSES_KEPT = 1024  # a flood from many addresses must not grow memory
 
+CLIENT_IDENTITY_PREFIX = "cli-"  # holders of the cluster's credentials (command line, clients)
+CLIENT_KEY_IDENTITY_PREFIX = "key-"  # holders of an authorised client key
+USER_CLUSTER = b"cluster"  # ZAP User-Id of a connection made with the cluster's key pair
+USER_CLIENT_KEY = b"client-key"  # ... and with an authorised client key: the protocol only
+
 Handler = Callable[[str, bytes], None]
 ControlHandler = Callable[[bytes], bytes]
 Resolver = Callable[[str], "str | None"]
@@ -82,26 +89,32 @@ def public_key_of(secret_key: bytes) -> bytes:
         raise ValueError(str(exc)) from None
 
 
-def zap_reply(request: list[bytes], public_key: bytes) -> tuple[list[bytes], str]:
-    """The reply to one ZAP request (RFC 27): only a CURVE client whose key is the cluster's
-    public key (`public_key`, Z85) is admitted. Also the reason for a refusal, or ''."""
+def zap_reply(request: list[bytes], public_key: bytes,
+              client_keys: Set[bytes] = frozenset()) -> tuple[list[bytes], str]:
+    """The reply to one ZAP request (RFC 27): a CURVE client whose key is the cluster's
+    public key (`public_key`, Z85) is admitted as USER_CLUSTER, and one whose key is among
+    `client_keys` (Z85) as USER_CLIENT_KEY. Also the reason for a refusal, or ''."""
     if len(request) < 6:
         request_id = request[1] if len(request) > 1 else b""
         return _zap(request_id, b"400", "malformed request"), "malformed request"
     version, request_id, _domain, _address, _identity, mechanism, *credentials = request
+    client_key = z85.encode(credentials[0]) if len(credentials) == 1 and len(
+        credentials[0]) == 32 else b""
     if version != ZAP_VERSION:
         reason = "unknown ZAP version"
     elif mechanism != b"CURVE":
         reason = f"mechanism {mechanism[:16]!r}, not CURVE"
-    elif credentials != [z85.decode(public_key)]:
-        reason = "not the cluster's key"
+    elif credentials == [z85.decode(public_key)]:
+        return _zap(request_id, b"200", "OK", USER_CLUSTER), ""
+    elif client_key not in client_keys:
+        reason = "not the cluster's key nor an authorised client's"
     else:
-        return _zap(request_id, b"200", "OK"), ""
+        return _zap(request_id, b"200", "OK", USER_CLIENT_KEY), ""
     return _zap(request_id, b"400", reason), reason
 
 
-def _zap(request_id: bytes, status: bytes, text: str) -> list[bytes]:
-    return [ZAP_VERSION, request_id, status, text.encode(), b"", b""]
+def _zap(request_id: bytes, status: bytes, text: str, user_id: bytes = b"") -> list[bytes]:
+    return [ZAP_VERSION, request_id, status, text.encode(), user_id, b""]
 
 
 def endpoint(address: str) -> str:
@@ -122,11 +135,13 @@ class Transport:
     """Node-to-node messages over ZeroMQ; `run` binds and serves until cancelled."""
 
     def __init__(self, name: str, listen: str, resolve: Resolver,
-                 credentials: Credentials) -> None:
+                 credentials: Credentials,
+                 client_keys: Callable[[], Set[bytes]] = frozenset) -> None:
         self.name = name
         self.listen = listen
         self._resolve = resolve
         self._credentials = credentials
+        self._client_keys = client_keys  # read at each new connection: revocation works
         self._refusals_logged_s: dict[str, float] = {}  # peer address -> when last logged
         self._context: zmq.Context[Any] | None = None  # made by `run`, ended when it ends
         self._handlers: dict[bytes, Handler] = {}
@@ -217,7 +232,8 @@ class Transport:
         """Answer libzmq's authentication requests for the ROUTER's new connections."""
         while True:
             request = await receive_multipart(zap)
-            reply, refusal = zap_reply(request, self._credentials.public_key)
+            reply, refusal = zap_reply(request, self._credentials.public_key,
+                                       self._client_keys())
             zap.send_multipart(reply)
             if refusal:
                 self._log_refusal(request[3].decode(errors="replace") if len(request) > 3
@@ -250,11 +266,16 @@ class Transport:
     # -- receiving ------------------------------------------------------------------------
     async def _receive_loop(self, router: zmq.Socket[bytes]) -> None:
         while True:
-            frames = await _receive_wakeable(router, self._router_wait, "")
-            if len(frames) != 3 or len(frames[2]) > MAX_PAYLOAD_BYTES:
-                log.warning("dropped a malformed frame set (%d frames)", len(frames))
+            parts = await _receive_wakeable(router, self._router_wait, "", copy=False)
+            if len(parts) != 3 or len(parts[2]) > MAX_PAYLOAD_BYTES:
+                log.warning("dropped a malformed frame set (%d frames)", len(parts))
                 continue
-            identity, channel, payload = frames
+            identity, channel, payload = (part.bytes for part in parts)
+            if channel != CHANNEL_PROTOCOL and parts[0].get("User-Id") != USER_CLUSTER.decode():
+                self._log_refusal(identity.decode(errors="replace"),
+                                  f"a client key may only use the file protocol (channel "
+                                  f"{channel[:8]!r})")
+                continue
             if channel == CHANNEL_CONTROL:
                 self._answer_control(router, identity, payload)
                 continue
@@ -315,8 +336,9 @@ class Transport:
 
 
 def curve_client(sock: zmq.Socket[bytes], credentials: Credentials) -> None:
-    """Make `sock` connect as a holder of the cluster's key pair (before `connect`)."""
-    sock.setsockopt(zmq.CURVE_SERVERKEY, credentials.public_key)
+    """Make `sock` connect with `credentials` (the cluster's key pair, or a client key) to a
+    node of their cluster (before `connect`)."""
+    sock.setsockopt(zmq.CURVE_SERVERKEY, credentials.cluster_key)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, credentials.public_key)
     sock.setsockopt(zmq.CURVE_SECRETKEY, credentials.secret_key)
 
@@ -333,13 +355,24 @@ async def receive_multipart(sock: zmq.Socket[bytes]) -> list[bytes]:
         await trio.lowlevel.wait_readable(cast(int, sock.getsockopt(zmq.FD)))
 
 
+@overload
 async def _receive_wakeable(sock: zmq.Socket[bytes], waits: dict[str, trio.CancelScope],
-                            key: str) -> list[bytes]:
+                            key: str) -> list[bytes]: ...
+
+
+@overload
+async def _receive_wakeable(sock: zmq.Socket[bytes], waits: dict[str, trio.CancelScope],
+                            key: str, copy: Literal[False]) -> list[zmq.Frame]: ...
+
+
+async def _receive_wakeable(sock: zmq.Socket[bytes], waits: dict[str, trio.CancelScope],
+                            key: str, copy: bool = True) -> list[bytes] | list[zmq.Frame]:
     """`receive_multipart` for a socket that other tasks also send on: while it waits, its
-    cancel scope is `waits[key]`, which a sender cancels (`_wake`) to make it look again."""
+    cancel scope is `waits[key]`, which a sender cancels (`_wake`) to make it look again.
+    With `copy=False`: frames, whose metadata (User-Id) can be read."""
     while True:
         try:
-            return sock.recv_multipart(zmq.NOBLOCK)
+            return sock.recv_multipart(zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             pass
         if cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:

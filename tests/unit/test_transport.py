@@ -21,6 +21,8 @@ from clusterfs.txn.transport import (
     CHANNEL_CONTROL,
     CHANNEL_MEMBERSHIP,
     CHANNEL_TXN,
+    USER_CLIENT_KEY,
+    USER_CLUSTER,
     Transport,
     TransportError,
     endpoint,
@@ -288,8 +290,8 @@ def _zap_request(mechanism: bytes, *credentials: bytes, version: bytes = b"1.0")
 @pytest.mark.parametrize(("request_frames", "status", "reason"), [
     (_zap_request(b"CURVE", zmq.utils.z85.decode(CLUSTER.public_key)), b"200", ""),
     (_zap_request(b"CURVE", zmq.utils.z85.decode(OTHER_CLUSTER.public_key)), b"400",
-     "not the cluster's key"),
-    (_zap_request(b"CURVE"), b"400", "not the cluster's key"),
+     "not the cluster's key nor an authorised client's"),
+    (_zap_request(b"CURVE"), b"400", "not the cluster's key nor an authorised client's"),
     (_zap_request(b"NULL"), b"400", "mechanism b'NULL', not CURVE"),
     (_zap_request(b"PLAIN", b"user", b"password"), b"400", "mechanism b'PLAIN', not CURVE"),
     (_zap_request(b"CURVE", zmq.utils.z85.decode(CLUSTER.public_key), version=b"2.0"),
@@ -301,6 +303,16 @@ def test_zap_admits_only_the_cluster_key(request_frames: list[bytes], status: by
     reply, refusal = zap_reply(request_frames, CLUSTER.public_key)
     assert reply[:3] == [b"1.0", b"id-7", status] and len(reply) == 6
     assert refusal == reason
+    assert reply[4] == (USER_CLUSTER if status == b"200" else b"")
+
+
+def test_zap_admits_an_authorised_client_key_as_a_client() -> None:
+    request = _zap_request(b"CURVE", zmq.utils.z85.decode(OTHER_CLUSTER.public_key))
+    reply, refusal = zap_reply(request, CLUSTER.public_key,
+                               frozenset({OTHER_CLUSTER.public_key}))
+    assert (reply[2], reply[4], refusal) == (b"200", USER_CLIENT_KEY, "")
+    reply, refusal = zap_reply(request, CLUSTER.public_key, frozenset({CLUSTER.public_key}))
+    assert reply[2] == b"400" and refusal
 
 
 @pytest.mark.parametrize(("stranger", "warning"), [
