@@ -25,6 +25,7 @@ not be reached or refused the credentials.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import itertools
@@ -95,6 +96,8 @@ class Client:
         self.session: _Session | None = None
         self.reroutes = 0  # how often the session was opened again after a loss
         self.session_retries = 0  # session requests sent again (no answer in time, or busy)
+        # why sessions were lost: "pushed" (membership), "refused" (ENOTCONN), "timeout"
+        self.losses: collections.Counter[str] = collections.Counter()
         self._sessions_opened = 0
         self._pending_request: bytes | None = None  # a session request waiting for answers
         self._files_elsewhere = False  # some open file belongs to a lost session
@@ -210,11 +213,12 @@ class Client:
         if gone or (node == session.node and not serving):
             log.info("node %s is %s: routing the session again", session.node,
                      "gone" if gone else "offline")
-            self._lose(session)
+            self._lose(session, "pushed")
 
-    def _lose(self, session: _Session) -> None:
+    def _lose(self, session: _Session, why: str) -> None:
         """Stop waiting on `session`'s node: every call in flight there is retried."""
         if self.session is session:
+            self.losses[why] += 1
             self.session = None
             self._files_elsewhere = bool(self._files)
         for call_id, waiter in list(self._waiting.items()):
@@ -292,9 +296,8 @@ class Client:
             try:
                 op = await self._reopened(session, make_op)
                 return await self._call_once(session, op, path)
-            except _Lost:
-                if self.session is session:
-                    self._lose(session)
+            except _Lost as lost:
+                self._lose(session, str(lost))
 
     async def _call_once(self, session: _Session, op: m.Op, path: str | None = None
                          ) -> m.Value:
@@ -307,16 +310,16 @@ class Client:
         with trio.move_on_after(timeout_s):
             result = await receive.receive()
             if result is None:
-                raise _Lost
+                raise _Lost("pushed")  # already lost: `_lose` woke this call
             if result.errno == errno.ENOTCONN:
                 log.info("%s", result.message)
-                raise _Lost
+                raise _Lost("refused")
             if result.errno:
                 raise OSError(result.errno, result.message or os.strerror(result.errno), path)
             return result.value
         self._waiting.pop(call_id, None)
         log.info("no answer from %s within %g s", session.node, timeout_s)
-        raise _Lost
+        raise _Lost("timeout")
 
     async def _reopened(self, session: _Session, make_op: Callable[[], m.Op]) -> m.Op:
         """Open again, in this session, the files that were open in a lost one."""

@@ -1,8 +1,16 @@
 """The node's ZeroMQ transport: the only module that imports zmq (DESIGN.md rule 8).
 
-Each node binds one ROUTER socket on its listen address and receives everything there as
-`[sender identity, channel, payload]`. It sends through one DEALER per destination, whose
-identity is the node's name, so a receiver always knows which node spoke. A channel byte
+Each node binds one ROUTER socket on its listen address and receives everything there. It
+sends to other nodes through one DEALER per destination as `[channel, own name, payload]`;
+clients (the command line, file protocol clients) send `[channel, payload]` and get replies
+through the ROUTER, addressed by their connection's identity.
+
+Senders: a node's messages are taken to come from the name inside them, trusted only from a
+connection made with the cluster's key pair (ZAP's User-Id). A node's DEALERs have no
+identity of their own (ZeroMQ gives each connection one that no peer can choose): a ROUTER
+hands a claimed identity over to the newest connection and closes the older one
+(ROUTER_HANDOVER, which lets a client that reconnects take its name back), so if nodes
+connected under their names, any client could cut a member off by claiming its name. A channel byte
 string says which layer a payload is for: the commit protocol, membership, the balancer,
 control requests from the command line (which get their reply on the ROUTER, to the asking
 DEALER), or the file protocol's clients (whose results go back the same way, later: `reply`).
@@ -138,6 +146,7 @@ class Transport:
                  credentials: Credentials,
                  client_keys: Callable[[], Set[bytes]] = frozenset) -> None:
         self.name = name
+        self._name_frame = name.encode()
         self.listen = listen
         self._resolve = resolve
         self._credentials = credentials
@@ -148,9 +157,8 @@ class Transport:
         self._control: ControlHandler | None = None
         self._closed = True  # until `run` has bound the ROUTER
         self._routes: dict[str, _Route] = {}  # destination -> its address
-        # One DEALER per address: two connections with one identity to the same ROUTER
-        # would keep taking the identity from each other (a joiner talks to a contact's
-        # address first, then to the same node by name).
+        # One DEALER per address (a joiner talks to a contact's address first, then to the
+        # same node by name: both reach one socket).
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
         self._router: zmq.Socket[bytes] | None = None
         self._router_wait: dict[str, trio.CancelScope] = {}  # while the receive task waits
@@ -171,7 +179,7 @@ class Transport:
             log.debug("no address known for %s; message dropped", to)
             return
         try:
-            dealer.send_multipart([channel, payload], zmq.NOBLOCK)
+            dealer.send_multipart([channel, self._name_frame, payload], zmq.NOBLOCK)
         except zmq.Again:
             log.debug("send queue to %s is full; message dropped", to)
 
@@ -267,10 +275,15 @@ class Transport:
     async def _receive_loop(self, router: zmq.Socket[bytes]) -> None:
         while True:
             parts = await _receive_wakeable(router, self._router_wait, "", copy=False)
-            if len(parts) != 3 or len(parts[2]) > MAX_PAYLOAD_BYTES:
+            if len(parts) not in (3, 4) or len(parts[-1]) > MAX_PAYLOAD_BYTES:
                 log.warning("dropped a malformed frame set (%d frames)", len(parts))
                 continue
-            identity, channel, payload = (part.bytes for part in parts)
+            identity, channel, payload = parts[0].bytes, parts[1].bytes, parts[-1].bytes
+            client_frames = channel in (CHANNEL_PROTOCOL, CHANNEL_CONTROL)
+            if len(parts) != (3 if client_frames else 4):
+                log.warning("dropped a malformed frame set (%d frames on channel %r)",
+                            len(parts), channel[:8])
+                continue
             if channel != CHANNEL_PROTOCOL and parts[0].get("User-Id") != USER_CLUSTER.decode():
                 self._log_refusal(identity.decode(errors="replace"),
                                   f"a client key may only use the file protocol (channel "
@@ -283,10 +296,10 @@ class Transport:
             if handler is None:
                 log.warning("dropped a message on unknown channel %r", channel[:8])
                 continue
-            try:
-                sender = identity.decode()
+            try:  # a node names itself in the message: see "Senders" above
+                sender = (identity if client_frames else parts[2].bytes).decode()
             except UnicodeDecodeError:
-                log.warning("dropped a message from an undecodable identity")
+                log.warning("dropped a message from an undecodable sender")
                 continue
             handler(sender, payload)
 
@@ -327,7 +340,6 @@ class Transport:
         dealer = self._context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.SNDHWM, SEND_HWM_MESSAGES)
-        dealer.setsockopt(zmq.IDENTITY, self.name.encode())
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         curve_client(dealer, self._credentials)

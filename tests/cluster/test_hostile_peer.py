@@ -9,9 +9,10 @@ a join request, a prepare and a status request, under a member's name too. Every
 up (the shared-cluster fixture fails the test on a death or an ERROR line), strangers get no
 reply, the namespace and the membership do not change, and the file system goes on working.
 
-A peer with the credentials that claims a member's name takes that name over on the other
-nodes' ROUTER sockets (ROUTER_HANDOVER, which lets a restarted member take its name back):
-holding the credentials is being a member, as holding the block directory is."""
+A peer with the credentials can still send in a member's name (nodes name themselves inside
+their messages): holding the credentials is being a member, as holding the block directory
+is. Claiming a member's name as ZeroMQ identity takes nothing from the member: nodes connect
+without a chosen identity."""
 
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ def _zmq_garbage(address: str, identity: bytes, rng: random.Random,
     try:
         dealer.connect(f"tcp://{address}")
         for channel in CHANNELS:
-            for payload in _payloads(rng):
-                dealer.send_multipart([channel, payload])
+            for payload in _payloads(rng):  # nodes name themselves in their messages
+                dealer.send_multipart([channel, payload] if channel in (b"c", b"p")
+                                      else [channel, identity, payload])
         dealer.send_multipart([b"t"])  # too few frames
         dealer.send_multipart([b"t", b"a", b"b", b"c"])  # too many
         time.sleep(0.5)  # let the node read everything before the socket goes away

@@ -64,6 +64,7 @@ async def test_a_key_posing_as_a_member_gets_nothing(
     key_file = tmp_path / "host.key"
     _make_key(shared_cluster, f"posing-{os.getpid()}", key_file)
     key = load_credentials(key_file)
+    epoch_before = shared_cluster.status(0)["nodes"][0]["epoch"]
     context = zmq.Context()
     dealer = context.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
@@ -73,6 +74,10 @@ async def test_a_key_posing_as_a_member_gets_nothing(
         dealer.connect(f"tcp://{shared_cluster.nodes[0].address}")
         dealer.send_multipart([b"c", status.encode(status.StatusRequest())])
         assert dealer.poll(1500) == 0
+        # Held for longer than the failure detector waits: n2 stays a member (it would be
+        # cut off from n1 if the squatter could take its connection over).
+        time.sleep(4)
+        assert shared_cluster.status(0)["nodes"][0]["epoch"] == epoch_before
     finally:
         dealer.close()
         context.term()

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.mount
 CLIENTS = 12
 CHUNKS = 40
 CHUNK_BYTES = 64 << 10
-CALL_TIMEOUT_S = 2.0  # short: the test waits out one timeout per client of the dead node
+CALL_TIMEOUT_S = 2.0  # short: the clients of a killed node wait out timeouts
 
 
 def chunk(client_id: str, index: int) -> bytes:
@@ -57,7 +57,10 @@ class Writer:
             await client.close(handle)
 
 
-async def _run_through_a_loss(cluster: Cluster, lose: Callable[[str], None]) -> list[Writer]:
+async def _run_through_a_loss(cluster: Cluster, lose: Callable[[str], None]
+                              ) -> tuple[list[Writer], list[Writer]]:
+    """Writers pause halfway, the node holding most of them is lost, they go on: all of
+    them, and those that were on the lost node."""
     credentials = credentials_of(cluster)
     async with Client(addresses_of(cluster), credentials, "setup") as setup:
         await setup.mkdir("/work")
@@ -79,7 +82,7 @@ async def _run_through_a_loss(cluster: Cluster, lose: Callable[[str], None]) -> 
     moved = [w for w in writers if w.first_node == victim]
     assert moved and all(w.client.reroutes >= 1 for w in moved)
     assert all(w.client.session is None or w.client.session.node != victim for w in moved)
-    return writers
+    return writers, moved
 
 
 def _check_files(cluster: Cluster, writers: list[Writer], survivor: int) -> None:
@@ -99,7 +102,7 @@ async def test_clients_of_a_killed_node_resume_on_live_nodes(
         killed.append(index)
         cluster.kill9(index)
 
-    writers = await _run_through_a_loss(cluster, kill)
+    writers, _ = await _run_through_a_loss(cluster, kill)
     survivor = next(i for i in range(3) if i not in killed)
     _check_files(cluster, writers, survivor)
 
@@ -117,6 +120,9 @@ async def test_clients_of_a_node_that_leaves_move_at_once(
         assert proc.returncode == 0, proc.stderr
         assert node.wait_exit() == 0
 
-    writers = await _run_through_a_loss(cluster, leave)
+    writers, moved = await _run_through_a_loss(cluster, leave)
+    # The node's clients were told (a push), before any of them waited for an answer.
+    assert all(w.client.losses == {"pushed": 1} for w in moved), \
+        [w.client.losses for w in moved]
     survivor = next(i for i in range(3) if i not in left)
     _check_files(cluster, writers, survivor)

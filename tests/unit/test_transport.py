@@ -20,6 +20,7 @@ from clusterfs.txn import transport
 from clusterfs.txn.transport import (
     CHANNEL_CONTROL,
     CHANNEL_MEMBERSHIP,
+    CHANNEL_PROTOCOL,
     CHANNEL_TXN,
     USER_CLIENT_KEY,
     USER_CLUSTER,
@@ -216,8 +217,10 @@ async def test_a_moved_peer_is_found_at_its_new_address(
 
 @pytest.mark.parametrize(("frames", "warning"), [
     ([CHANNEL_TXN], "malformed frame set (2 frames)"),
-    ([CHANNEL_TXN, b"x", b"y"], "malformed frame set (4 frames)"),
-    ([b"zz", b"payload"], "unknown channel"),
+    ([CHANNEL_TXN, b"no sender"], "malformed frame set (3 frames on channel b't')"),
+    ([CHANNEL_TXN, b"x", b"y", b"z"], "malformed frame set (5 frames)"),
+    ([CHANNEL_CONTROL, b"x", b"y"], "malformed frame set (4 frames on channel b'c')"),
+    ([b"zz", b"raw", b"payload"], "unknown channel"),
 ])
 async def test_malformed_frame_sets_are_dropped_with_a_warning(
         nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, frames: list[bytes],
@@ -226,20 +229,37 @@ async def test_malformed_frame_sets_are_dropped_with_a_warning(
     _ = await cluster.start("b")
     with raw_dealer(cluster.addresses["b"], b"raw") as dealer:
         dealer.send_multipart(frames)
-        dealer.send_multipart([CHANNEL_TXN, b"after"])  # same pipe: arrives after the bad one
+        dealer.send_multipart([CHANNEL_TXN, b"raw", b"after"])  # arrives after the bad one
         assert await cluster.inboxes["b"].wait_for(1) == [("raw", CHANNEL_TXN, b"after")]
     await wait_for_warning(caplog, warning)
 
 
-async def test_an_undecodable_identity_is_dropped_and_the_transport_goes_on(
+async def test_an_undecodable_sender_is_dropped_and_the_transport_goes_on(
         nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
     cluster = Cluster(nursery)
     a, _ = await cluster.start("a"), await cluster.start("b")
-    with raw_dealer(cluster.addresses["b"], b"\xff\xfe-not-utf8") as dealer:
-        dealer.send_multipart([CHANNEL_TXN, b"from nowhere"])
-        await wait_for_warning(caplog, "undecodable identity")
+    with raw_dealer(cluster.addresses["b"], b"raw") as dealer:
+        dealer.send_multipart([CHANNEL_TXN, b"\xff\xfe-not-utf8", b"from nowhere"])
+        await wait_for_warning(caplog, "undecodable sender")
     a.send("b", CHANNEL_TXN, b"still works")
     assert await cluster.inboxes["b"].wait_for(1) == [("a", CHANNEL_TXN, b"still works")]
+
+
+async def test_a_connection_that_claims_a_members_name_does_not_cut_the_member_off(
+        nursery: trio.Nursery) -> None:
+    """A member's connection has no chosen identity, so a peer that connects as "a" takes
+    nothing from it (a ROUTER hands a claimed identity to the newest connection and closes
+    the older one); a's messages arrive as a's: the name is taken from the message."""
+    cluster = Cluster(nursery)
+    a, _ = await cluster.start("a"), await cluster.start("b")
+    a.send("b", CHANNEL_TXN, b"before")
+    assert await cluster.inboxes["b"].wait_for(1) == [("a", CHANNEL_TXN, b"before")]
+    with raw_dealer(cluster.addresses["b"], b"a") as squatter:
+        squatter.send_multipart([CHANNEL_PROTOCOL, b"hello"])  # connected, as "a"
+        await trio.sleep(0.3)
+        a.send("b", CHANNEL_TXN, b"after")
+        assert await cluster.inboxes["b"].wait_for(2) == [
+            ("a", CHANNEL_TXN, b"before"), ("a", CHANNEL_TXN, b"after")]
 
 
 # -- control requests ---------------------------------------------------------------------
@@ -334,8 +354,9 @@ async def test_a_peer_without_the_cluster_keys_gets_nothing_through(
         "its own key pair, and the cluster's public key": (OTHER_CLUSTER, CLUSTER.public_key),
     }[stranger]
     with raw_dealer(cluster.addresses["b"], b"a", credentials, server_key) as dealer:
-        for channel in (CHANNEL_TXN, CHANNEL_MEMBERSHIP, CHANNEL_CONTROL):
-            dealer.send_multipart([channel, b"from a stranger"])
+        for channel in (CHANNEL_TXN, CHANNEL_MEMBERSHIP):
+            dealer.send_multipart([channel, b"a", b"from a stranger"])
+        dealer.send_multipart([CHANNEL_CONTROL, b"from a stranger"])
         await wait_for_warning(caplog, warning)
         assert dealer.poll(300) == 0  # no control reply
         a.send("b", CHANNEL_TXN, b"from the real a")
