@@ -82,8 +82,9 @@ def test_table_of_an_equal_cluster() -> None:
     table = render_table([node("a"), node("b"), node("c")])
     lines = table.splitlines()
     assert lines[0] == "cluster epoch 3, leader a, members a, b, c"
-    assert lines[1].split() == ["NODE", "ADDRESS", "STATE", "EPOCH", "APPLIED", "DIGEST"]
-    assert lines[2].split() == ["a", "127.0.0.1:7001", "online", "3", "40", "d" * 16]
+    assert lines[1].split() == ["NODE", "ADDRESS", "STATE", "EPOCH", "APPLIED", "SESSIONS",
+                                "DIGEST"]
+    assert lines[2].split() == ["a", "127.0.0.1:7001", "online", "3", "40", "0", "d" * 16]
     assert lines[-1] == "replica digests: equal on every online node"
     assert "DIFFER" not in table
 
@@ -96,6 +97,7 @@ def test_json_of_an_equal_cluster() -> None:
         "type": "node-status", "name": "a", "address": "127.0.0.1:7001", "pid": 1001,
         "state": "online", "reason": "", "epoch": 3, "leader": "a", "members": ["a", "b", "c"],
         "addresses": ADDRESSES, "applied_seq": 40, "digest": "d" * 64, "mountpoint": "/mnt/a",
+        "sessions": 0,
     }
 
 
@@ -121,7 +123,7 @@ def test_an_unreachable_node_is_shown_with_its_reason() -> None:
     nodes = [node("a"), node("b"), gone]
     lines = render_table(nodes).splitlines()
     row = next(i for i, line in enumerate(lines) if line.startswith("c "))
-    assert lines[row].split() == ["c", "127.0.0.1:7003", "unreachable", "0", "0", "-"]
+    assert lines[row].split() == ["c", "127.0.0.1:7003", "unreachable", "0", "0", "0", "-"]
     assert lines[row + 1].strip() == "no answer from 127.0.0.1:7003 within 5 s"
     assert lines[0] == "cluster epoch 3, leader a, members a, b, c"  # from the newest epoch
     data = json.loads(render_json(nodes))
