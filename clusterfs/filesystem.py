@@ -18,6 +18,7 @@ kernel caches about the entries and inodes that another node's record changed.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import itertools
@@ -639,8 +640,10 @@ class FileSystem:
         the replica."""
         try:
             report = await trio.to_thread.run_sync(fsck.check_live, self._store, self._blockdir)
-            for line in report.lines():
+            for line in dataclasses.replace(report, unpurged_inodes=[]).lines():
                 log.warning("settle: %s", line)
+            for ino in report.unpurged_inodes:  # usual: purges are lazy, and nodes come and go
+                log.info("settle: inode %d: unlinked and not open anywhere; purging it", ino)
             for ino in report.missing_backing:
                 self._blockdir.create_empty(ino)
         except OSError as exc:

@@ -24,6 +24,12 @@ from clusterfs.protocol.paths import Resolver
 # A tunnel service (vhdshare's unpacker) answers opaque payloads on an open file.
 TunnelService = Callable[[int, int, bytes], Awaitable[bytes]]  # (ino, fd, payload) -> reply
 
+# Served at once by the server when nothing of the session is pending (`run_now`).
+ImmediateOp = (m.Ping | m.Stat | m.Lookup | m.Readdir | m.Read | m.Close | m.Readlink
+               | m.GetXattr | m.ListXattr)
+IMMEDIATE_OPS = (m.Ping, m.Stat, m.Lookup, m.Readdir, m.Read, m.Close, m.Readlink, m.GetXattr,
+                 m.ListXattr)
+
 _OPEN_FLAGS = os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND
 
 
@@ -41,24 +47,14 @@ class FileOps:
 
     async def run(self, op: m.Op, handles: set[int]) -> m.Value:
         """Execute `op` for a session whose open handles are `handles` (updated here)."""
+        if isinstance(op, IMMEDIATE_OPS):
+            return self.run_now(op, handles)
         match op:
-            case m.Ping():
-                return None
-            case m.Stat(path):
-                return _attrs(self.paths.attrs(path))
-            case m.Lookup(dir_path, child):
-                return _attrs(self.paths.attrs(f"{dir_path.rstrip('/')}/{child}"))
-            case m.Readdir(path, cookie, limit):
-                return self._readdir(path, cookie, limit)
             case m.Mkdir(path, mode):
                 parent, name = self.paths.parent(path)
                 return _attrs(await self.fs.mkdir(parent, name, stat.S_IMODE(mode), self._root))
             case m.Open(path, flags, mode):
                 return await self._open(path, flags & _OPEN_FLAGS, mode, handles)
-            case m.Read(handle, offset, size):
-                self._check(handle, handles)
-                _check_io(offset, size)
-                return m.Data(self.fs.read(handle, offset, size))
             case m.Write(handle, offset, data):
                 self._check(handle, handles)
                 _check_io(offset, len(data))
@@ -71,11 +67,6 @@ class FileOps:
             case m.Fsync(handle, datasync):
                 self._check(handle, handles)
                 await self.fs.fsync(handle, datasync)
-                return None
-            case m.Close(handle):
-                self._check(handle, handles)
-                handles.discard(handle)
-                self.fs.release(handle)
                 return None
             case m.Tunnel(handle, payload):
                 return m.Data(await self._tunnel(handle, payload, handles))
@@ -95,19 +86,41 @@ class FileOps:
                 parent, name = self.paths.parent(path)
                 return _attrs(await self.fs.symlink(parent, name, os.fsencode(target),
                                                     self._root))
-            case m.Readlink(path):
-                return m.Text(os.fsdecode(self.fs.readlink(self.paths.attrs(path).ino)))
-            case m.GetXattr(path, name):
-                return m.Data(self.fs.getxattr(self.paths.attrs(path).ino, name))
             case m.SetXattr(path, name, value):
                 await self.fs.setxattr(self.paths.attrs(path).ino, name, value)
-            case m.ListXattr(path):
-                return m.Names(self.fs.listxattr(self.paths.attrs(path).ino))
             case m.RemoveXattr(path, name):
                 await self.fs.removexattr(self.paths.attrs(path).ino, name)
             case _:
                 raise NamespaceError(errno.ENOSYS, f"unknown operation {type(op).__name__}")
         return None
+
+    def run_now(self, op: ImmediateOp, handles: set[int]) -> m.Value:
+        """The operations that never wait (reads of the replica or a backing file)."""
+        match op:
+            case m.Ping():
+                return None
+            case m.Stat(path):
+                return _attrs(self.paths.attrs(path))
+            case m.Lookup(dir_path, child):
+                return _attrs(self.paths.attrs(f"{dir_path.rstrip('/')}/{child}"))
+            case m.Readdir(path, cookie, limit):
+                return self._readdir(path, cookie, limit)
+            case m.Read(handle, offset, size):
+                self._check(handle, handles)
+                _check_io(offset, size)
+                return m.Data(self.fs.read(handle, offset, size))
+            case m.Close(handle):
+                self._check(handle, handles)
+                handles.discard(handle)
+                self.fs.release(handle)
+                return None
+            case m.Readlink(path):
+                return m.Text(os.fsdecode(self.fs.readlink(self.paths.attrs(path).ino)))
+            case m.GetXattr(path, name):
+                return m.Data(self.fs.getxattr(self.paths.attrs(path).ino, name))
+            case m.ListXattr(path):
+                return m.Names(self.fs.listxattr(self.paths.attrs(path).ino))
+        raise AssertionError(op)
 
     def _readdir(self, path: str, cookie: int, limit: int) -> m.Entries:
         ino = self.paths.attrs(path).ino

@@ -3,8 +3,10 @@
 Every session request reaches every node (the client sends it to all); this node's
 `lb.balancer.Balancer` decides whether it answers, and the node that accepts keeps the
 session: the client's calls go to it alone. Calls of one session run one at a time, in
-the order they arrived. A session that hears nothing from its client for `SESSION_IDLE_S`
-is closed (its handles too); clients ping while idle.
+the order they arrived: one that never waits (a read, a stat) is answered at once when
+nothing of the session is queued; the others queue, and one task per session runs them.
+A session that hears nothing from its client for `SESSION_IDLE_S` is closed (its handles
+too); clients ping while idle.
 
 Clients are told when membership changes (`MembersChanged`, pushed to every client that
 holds a session here or said Hello recently), so one whose node is gone or offline routes
@@ -17,6 +19,7 @@ and nothing a client sends can stop the node (one error boundary: `_call`).
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import math
@@ -27,7 +30,7 @@ import trio
 
 from clusterfs.namespace import NamespaceError
 from clusterfs.protocol import messages as m
-from clusterfs.protocol.ops import FileOps
+from clusterfs.protocol.ops import IMMEDIATE_OPS, FileOps
 from lb import messages as lbm
 from lb.balancer import Action, Balancer, BalancerConfig, Reply, Send
 from lb.view import View
@@ -48,7 +51,10 @@ class Session:
     client: str  # the client's transport identity: where its results go
     last_heard_s: float
     handles: set[int] = field(default_factory=set)
-    lock: trio.StrictFIFOLock = field(default_factory=trio.StrictFIFOLock)
+    # Calls that may wait run one after another from this queue, in one task at a time
+    # (tasks started together run in no set order: one per call could reorder them).
+    queue: collections.deque[m.Call] = field(default_factory=collections.deque)
+    draining: bool = False
 
 
 class ProtocolServer:
@@ -166,27 +172,36 @@ class ProtocolServer:
                                           f"{self.name} is offline: {reason}"))
             return
         session.last_heard_s = now_s
-        assert self._nursery is not None
-        self._nursery.start_soon(self._call, session, call)
+        if isinstance(call.op, IMMEDIATE_OPS) and not session.draining:
+            # Nothing of the session is queued before it: answer now, without a task.
+            try:
+                result = m.Result(call.call_id, value=self.ops.run_now(call.op, session.handles))
+            except Exception as exc:
+                result = _failed(call, exc)
+            self._result(client, result)
+            return
+        session.queue.append(call)
+        if not session.draining:
+            session.draining = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._drain, session)
 
-    async def _call(self, session: Session, call: m.Call) -> None:
-        """Run one call; the error boundary of the protocol's operations."""
-        async with session.lock:
-            if self.sessions.get(session.session_id) is not session:
-                result = m.Result(call.call_id, errno.ENOTCONN, "the session was closed")
-            else:
-                try:
-                    value = await self.ops.run(call.op, session.handles)
-                    result = m.Result(call.call_id, value=value)
-                except NamespaceError as exc:
-                    result = m.Result(call.call_id, exc.errno, str(exc.args[1]))
-                except OSError as exc:
-                    code = exc.errno or errno.EIO
-                    result = m.Result(call.call_id, code, exc.strerror or "")
-                except Exception:
-                    log.exception("unexpected error in %s", type(call.op).__name__)
-                    result = m.Result(call.call_id, errno.EIO, "internal error")
-        self._result(session.client, result)
+    async def _drain(self, session: Session) -> None:
+        """Run the session's queued calls in the order they arrived."""
+        try:
+            while session.queue:
+                call = session.queue.popleft()
+                if self.sessions.get(session.session_id) is not session:
+                    result = m.Result(call.call_id, errno.ENOTCONN, "the session was closed")
+                else:
+                    try:
+                        value = await self.ops.run(call.op, session.handles)
+                        result = m.Result(call.call_id, value=value)
+                    except Exception as exc:
+                        result = _failed(call, exc)
+                self._result(session.client, result)
+        finally:
+            session.draining = False
 
     def _result(self, client: str, result: m.Result) -> None:
         self._send_client(client, m.encode(result))
@@ -222,8 +237,20 @@ class ProtocolServer:
 
     def _expire(self, now_s: float) -> None:
         for session in [s for s in self.sessions.values()
-                        if now_s - s.last_heard_s > SESSION_IDLE_S and not s.lock.locked()]:
+                        if now_s - s.last_heard_s > SESSION_IDLE_S and not s.draining]:
             log.info("closing idle session %s", session.session_id)
             self._close(session, now_s)
         for client in [c for c, heard_s in self._watchers.items() if now_s - heard_s > WATCH_S]:
             del self._watchers[client]
+
+
+def _failed(call: m.Call, exc: Exception) -> m.Result:
+    """The result of a call that raised: the error boundary of the protocol's operations."""
+    match exc:
+        case NamespaceError():
+            return m.Result(call.call_id, exc.errno, str(exc.args[1]))
+        case OSError():
+            return m.Result(call.call_id, exc.errno or errno.EIO, exc.strerror or "")
+    log.error("unexpected error in %s", type(call.op).__name__, exc_info=exc)
+    return m.Result(call.call_id, errno.EIO, "internal error")
+

@@ -1,6 +1,7 @@
 """`FileOps`, the protocol's operations, against a temporary replica and block directory
 with the local committer: the TUNNEL call hands the session's open file and the payload to
-the node's tunnel service and returns its reply; sessions cannot use each other's handles."""
+the node's tunnel service and returns its reply; sessions cannot use each other's handles;
+and the `ProtocolServer` answers a session's calls in order."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from clusterfs.namespace import NamespaceError
 from clusterfs.node import open_replica
 from clusterfs.protocol import messages as m
 from clusterfs.protocol.ops import FileOps
+from clusterfs.protocol.server import ProtocolServer
+from lb.messages import SessionAccept, SessionRequest
 
 
 @pytest.fixture
@@ -86,3 +89,46 @@ async def test_readdir_pages_resume_after_their_cookie(fs: FileSystem) -> None:
             break
         cookie = page.next_cookie
     assert names == [f"e{i:02d}" for i in range(25)]
+
+
+async def test_a_read_after_a_write_of_the_same_session_sees_the_write(fs: FileSystem) -> None:
+    """Reads are answered at once when nothing of the session is pending, never ahead of
+    an earlier call that is still running (a write that must drop a setgid bit, an open)."""
+    sent: list[m.NodeMessage] = []
+    server = ProtocolServer("n1", FileOps(fs), lambda _client, payload: sent.append(
+        m.decode_node(payload)), lambda _to, _payload: None, incarnation=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        server.on_view(1, [m.Member("n1", "127.0.0.1:1")])
+        server.on_client("cli-a", m.encode(SessionRequest("r1", "host-a", "")))
+        accept = next(message for message in sent if isinstance(message, SessionAccept))
+        session_id = accept.session_id
+
+        def call(call_id: int, op: m.Op) -> None:
+            server.on_client("cli-a", m.encode(m.Call(session_id, call_id, op)))
+
+        call(1, m.Open("/f", os.O_RDWR | os.O_CREAT))  # waits for its commit
+        await _answered(sent, 1)
+        handle = _value(sent, 1)
+        assert isinstance(handle, m.Handle)
+        call(2, m.Write(handle.handle, 0, b"written first"))  # a task (it may commit)
+        call(3, m.Read(handle.handle, 0, 100))  # arrives while the write is pending
+        await _answered(sent, 3)
+        assert [r.call_id for r in sent if isinstance(r, m.Result)] == [1, 2, 3]
+        assert _value(sent, 3) == m.Data(b"written first")
+        call(4, m.Read(handle.handle, 0, 7))  # nothing pending: answered at once
+        assert _value(sent, 4) == m.Data(b"written")
+        nursery.cancel_scope.cancel()
+    server.close_all()
+
+
+async def _answered(sent: list[m.NodeMessage], call_id: int) -> None:
+    with trio.fail_after(10):
+        while not any(isinstance(r, m.Result) and r.call_id == call_id for r in sent):
+            await trio.sleep(0.01)
+
+
+def _value(sent: list[m.NodeMessage], call_id: int) -> m.Value:
+    result = next(r for r in sent if isinstance(r, m.Result) and r.call_id == call_id)
+    assert result.errno == 0, result
+    return result.value
