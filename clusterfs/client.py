@@ -13,10 +13,11 @@ client's id if any. Calls then go to that node.
 When the node is lost — it is removed or goes offline (the nodes push `MembersChanged`),
 it answers ENOTCONN (it does not know the session: it restarted), or a call gets no answer
 within `call_timeout_s` — the client opens its session again (lb routes it to a live node),
-opens its open files again there (by path, without O_CREAT/O_EXCL/O_TRUNC) and retries the
-call that was in flight. Reads and writes are positional, so a retried one does the same
-again; a retried namespace change that had been applied before the node was lost answers
-as a second attempt would (EEXIST, ENOENT).
+opens its open files again there (by inode number, so a file renamed or unlinked meanwhile
+is still found; without O_CREAT/O_EXCL/O_TRUNC) and retries the call that was in flight.
+Reads and writes are positional, so a retried one does the same again; a retried namespace
+change that had been applied before the node was lost answers as a second attempt would
+(EEXIST, ENOENT).
 
 `BlockingClient` offers the same calls to code without trio (it runs one in a thread).
 Errors of calls are `OSError`s with the node's errno; `ClientError` says the cluster could
@@ -71,7 +72,7 @@ class _Lost(Exception):
 
 @dataclass(slots=True)
 class _OpenFile:
-    path: str
+    ino: int
     flags: int
     server_handle: int
     session_id: str  # the session `server_handle` belongs to
@@ -328,7 +329,7 @@ class Client:
         for open_file in list(self._files.values()):
             if open_file.session_id != session.session_id:
                 flags = open_file.flags & _REOPEN_MASK
-                value = await self._call_once(session, m.Open(open_file.path, flags))
+                value = await self._call_once(session, m.Reopen(open_file.ino, flags))
                 assert isinstance(value, m.Handle)
                 open_file.server_handle = value.handle
                 open_file.session_id = session.session_id
@@ -374,7 +375,7 @@ class Client:
 
         value = _expect(await self._call(make_op, path), m.Handle)
         handle = next(self._handle_ids)
-        self._files[handle] = _OpenFile(path, flags, value.handle, session_ids[-1])
+        self._files[handle] = _OpenFile(value.attrs.ino, flags, value.handle, session_ids[-1])
         return handle
 
     async def read(self, handle: int, offset: int, size: int) -> bytes:

@@ -67,6 +67,14 @@ class Open(msgspec.Struct, frozen=True, tag="open"):
     mode: int = 0o644
 
 
+class Reopen(msgspec.Struct, frozen=True, tag="reopen"):
+    """Open the regular file `ino` again (a client moving its open files to another node
+    after a failover: by inode, so a file renamed or unlinked meanwhile is still found)."""
+
+    ino: int
+    flags: int
+
+
 class Read(msgspec.Struct, frozen=True, tag="read"):
     handle: int
     offset: int
@@ -147,7 +155,7 @@ class Ping(msgspec.Struct, frozen=True, tag="ping"):
     """Keeps an idle session alive."""
 
 
-Op = (Stat | Lookup | Readdir | Mkdir | Open | Read | Write | Truncate | Fsync | Close
+Op = (Stat | Lookup | Readdir | Mkdir | Open | Reopen | Read | Write | Truncate | Fsync | Close
       | Unlink | Rmdir | Rename | Symlink | Readlink | GetXattr | SetXattr | ListXattr
       | RemoveXattr | Tunnel | Ping)
 

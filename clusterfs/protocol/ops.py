@@ -31,6 +31,7 @@ IMMEDIATE_OPS = (m.Ping, m.Stat, m.Lookup, m.Readdir, m.Read, m.Close, m.Readlin
                  m.ListXattr)
 
 _OPEN_FLAGS = os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND
+_REOPEN_FLAGS = os.O_ACCMODE | os.O_APPEND
 
 
 def _attrs(attrs: Attributes) -> m.Attrs:
@@ -55,6 +56,10 @@ class FileOps:
                 return _attrs(await self.fs.mkdir(parent, name, stat.S_IMODE(mode), self._root))
             case m.Open(path, flags, mode):
                 return await self._open(path, flags & _OPEN_FLAGS, mode, handles)
+            case m.Reopen(ino, flags):
+                fh, _keep_cache = self.fs.open(ino, flags & _REOPEN_FLAGS, self._root)
+                handles.add(fh)
+                return m.Handle(fh, _attrs(self.fs.getattr(ino)))
             case m.Write(handle, offset, data):
                 self._check(handle, handles)
                 _check_io(offset, len(data))

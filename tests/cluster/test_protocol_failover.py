@@ -1,6 +1,7 @@
 """Clients survive the loss of their node: kill -9 of the node holding sessions, and a node
-that leaves gracefully; the clients re-route, open their files again and finish their
-work with the right data."""
+that leaves gracefully; the clients re-route, open their files again (by inode: after the
+kill the files are also renamed before the clients go on) and finish their work with the
+right data."""
 
 from __future__ import annotations
 
@@ -85,9 +86,10 @@ async def _run_through_a_loss(cluster: Cluster, lose: Callable[[str], None]
     return writers, moved
 
 
-def _check_files(cluster: Cluster, writers: list[Writer], survivor: int) -> None:
+def _check_files(cluster: Cluster, writers: list[Writer], survivor: int, suffix: str = ""
+                 ) -> None:
     for writer in writers:
-        data = (cluster.mnt(survivor) / "work" / writer.client_id).read_bytes()
+        data = (cluster.mnt(survivor) / "work" / (writer.client_id + suffix)).read_bytes()
         assert data == b"".join(chunk(writer.client_id, i) for i in range(CHUNKS)), \
             writer.client_id
 
@@ -97,14 +99,17 @@ async def test_clients_of_a_killed_node_resume_on_live_nodes(
     cluster = new_cluster(3)
     killed: list[int] = []
 
-    def kill(node_name: str) -> None:
+    def kill_and_rename(node_name: str) -> None:
         index = [node.name for node in cluster.nodes].index(node_name)
         killed.append(index)
         cluster.kill9(index)
+        work = cluster.mnt(next(i for i in range(3) if i not in killed)) / "work"
+        for name in os.listdir(work):  # waits until the others have removed the dead node
+            os.rename(work / name, work / (name + ".moved"))
 
-    writers, _ = await _run_through_a_loss(cluster, kill)
+    writers, _ = await _run_through_a_loss(cluster, kill_and_rename)
     survivor = next(i for i in range(3) if i not in killed)
-    _check_files(cluster, writers, survivor)
+    _check_files(cluster, writers, survivor, ".moved")
 
 
 async def test_clients_of_a_node_that_leaves_move_at_once(

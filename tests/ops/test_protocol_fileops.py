@@ -132,3 +132,27 @@ def _value(sent: list[m.NodeMessage], call_id: int) -> m.Value:
     result = next(r for r in sent if isinstance(r, m.Result) and r.call_id == call_id)
     assert result.errno == 0, result
     return result.value
+
+
+async def test_reopen_finds_a_file_by_inode_after_a_rename_and_an_unlink(
+        fs: FileSystem) -> None:
+    ops = FileOps(fs)
+    first: set[int] = set()
+    opened = await ops.run(m.Open("/f", os.O_RDWR | os.O_CREAT), first)
+    assert isinstance(opened, m.Handle)
+    await ops.run(m.Write(opened.handle, 0, b"kept"), first)
+    await ops.run(m.Rename("/f", "/g"), first)
+    moved: set[int] = set()
+    again = await ops.run(m.Reopen(opened.attrs.ino, os.O_RDWR | os.O_TRUNC), moved)
+    assert isinstance(again, m.Handle) and again.attrs.ino == opened.attrs.ino
+    assert await ops.run(m.Read(again.handle, 0, 10), moved) == m.Data(b"kept")  # no O_TRUNC
+    await ops.run(m.Unlink("/g"), first)
+    later: set[int] = set()  # unlinked but still open: its data is still there
+    last = await ops.run(m.Reopen(opened.attrs.ino, os.O_RDONLY), later)
+    assert isinstance(last, m.Handle)
+    assert await ops.run(m.Read(last.handle, 0, 10), later) == m.Data(b"kept")
+    for handles in (first, moved, later):
+        ops.close_all(handles)
+    with pytest.raises(NamespaceError) as caught:
+        await ops.run(m.Reopen(987654, os.O_RDONLY), set())
+    assert caught.value.errno == errno.ENOENT
