@@ -8,7 +8,6 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,39 +16,16 @@ import trio
 from clusterfs import fsck
 from clusterfs import records as r
 from clusterfs.attributes import Caller
-from clusterfs.blockdir import BlockDir, format_blockdir
-from clusterfs.committer import LocalCommitter, commit_batch
-from clusterfs.filesystem import AttrChanges, FileSystem
+from clusterfs.committer import commit_batch
+from clusterfs.filesystem import AttrChanges
 from clusterfs.namespace import ROOT_INO, NamespaceError
-from clusterfs.node import open_replica, recover
-from clusterfs.store import Store
+from clusterfs.node import recover
+from tests.ops.conftest import Rig
 
 ROOT = Caller(0, 0, os.getpid())
 USER = Caller(1000, 1000, os.getpid())
 
 
-class Rig:
-    def __init__(self, fs: FileSystem, store: Store, blockdir: BlockDir) -> None:
-        self.fs, self.store, self.blockdir = fs, store, blockdir
-
-    def backing_files(self) -> set[int]:
-        return {ino for ino, _ in self.blockdir.iter_backing()}
-
-
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    blockdir = format_blockdir(tmp_path / "blocks")
-    store = open_replica(tmp_path / "state", blockdir)
-    fs = FileSystem(store, blockdir)
-    committer = LocalCommitter(store, fs.on_applied)
-    fs.committer = committer
-    async with trio.open_nursery() as nursery:
-        await nursery.start(committer.run)
-        await nursery.start(fs.remove_purged)
-        yield Rig(fs, store, blockdir)
-        fs.close_all()
-        nursery.cancel_scope.cancel()
-    store.close()
 
 
 async def test_create_write_read_through_backing_file(rig: Rig) -> None:

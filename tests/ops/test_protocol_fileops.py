@@ -7,36 +7,22 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import trio
 
-from clusterfs.blockdir import format_blockdir
-from clusterfs.committer import LocalCommitter
 from clusterfs.filesystem import FileSystem
 from clusterfs.namespace import NamespaceError
-from clusterfs.node import open_replica
 from clusterfs.protocol import messages as m
 from clusterfs.protocol.ops import FileOps
 from clusterfs.protocol.server import ProtocolServer
 from lb.messages import SessionAccept, SessionRequest
+from tests.ops.conftest import Rig
 
 
 @pytest.fixture
-async def fs(tmp_path: Path) -> AsyncIterator[FileSystem]:
-    blockdir = format_blockdir(tmp_path / "blocks")
-    store = open_replica(tmp_path / "state", blockdir)
-    fs = FileSystem(store, blockdir)
-    committer = LocalCommitter(store, fs.on_applied)
-    fs.committer = committer
-    async with trio.open_nursery() as nursery:
-        await nursery.start(committer.run)
-        yield fs
-        fs.close_all()
-        nursery.cancel_scope.cancel()
-    store.close()
+def fs(rig: Rig) -> FileSystem:
+    return rig.fs
 
 
 async def test_tunnel_hands_the_open_file_and_payload_to_the_service(fs: FileSystem) -> None:
