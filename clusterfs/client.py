@@ -47,6 +47,8 @@ from clusterfs.txn.transport import (
     CLIENT_IDENTITY_PREFIX,
     CLIENT_KEY_IDENTITY_PREFIX,
     ClientTransport,
+    TransportError,
+    endpoint,
 )
 from lb.messages import SessionAccept, SessionBusy, SessionRequest
 
@@ -91,6 +93,11 @@ class Client:
                  route_timeout_s: float = ROUTE_TIMEOUT_S) -> None:
         if not cluster:
             raise ClientError("no cluster address given")
+        for address in cluster:
+            try:
+                endpoint(address)
+            except TransportError as exc:
+                raise ClientError(str(exc)) from None
         self.client_id = client_id or f"client-{uuid.uuid4().hex}"
         self.call_timeout_s = call_timeout_s
         self.route_timeout_s = route_timeout_s

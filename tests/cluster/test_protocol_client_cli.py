@@ -56,6 +56,10 @@ def test_errors_are_one_line(shared_cluster: Cluster, croot: str, tmp_path: Path
         f"clusterfs: /{croot}/missing: No such file or directory", missing.stderr
     busy = client(shared_cluster, "rm", f"/{croot}/..")
     assert busy.returncode == 1 and len(busy.stderr.strip().splitlines()) == 1, busy.stderr
+    bad_address = run_cli("client", "--cluster", "not-an-address", "--credentials",
+                          str(credentials_path(shared_cluster.blockdir)), "ls", "/")
+    assert (bad_address.returncode, bad_address.stderr) == (
+        1, "clusterfs: 'not-an-address' is not HOST:PORT\n"), bad_address.stderr
     create_credentials(tmp_path)  # another cluster's key pair
     refused = run_cli("client", "--cluster", shared_cluster.nodes[0].address,
                       "--credentials", str(credentials_path(tmp_path)), "ls", "/",
