@@ -102,15 +102,17 @@ class BlockDir:
                 yield _backing_ino(fan, name), f"{fan_path}/{name}"
 
 
-def _flock(lock_type: int) -> bytes:
-    """A lock on the whole file; l_pid must be 0 for OFD locks."""
-    return _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0)
+def _flock(lock_type: int, length_bytes: int = 0) -> bytes:
+    """A lock from byte 0 (length 0: the whole file); l_pid must be 0 for OFD locks."""
+    return _FLOCK.pack(lock_type, os.SEEK_SET, 0, length_bytes, 0)
 
 
 def hold_shared(fd: int) -> None:
     """Mark `fd`'s backing file as open on this node until `fd` is closed. Shared locks
-    never conflict with each other, so this does not block or fail on a busy file."""
-    fcntl.fcntl(fd, F_OFD_SETLK, _flock(fcntl.F_RDLCK))
+    never conflict with each other, so this does not block or fail on a busy file. Only
+    byte 0 is locked: locks elsewhere in the file stay free for the file's users (vhdshare
+    serialises the growth of a shared dynamic disk with one)."""
+    fcntl.fcntl(fd, F_OFD_SETLK, _flock(fcntl.F_RDLCK, 1))
 
 
 def is_locked(path: str) -> bool:

@@ -300,6 +300,13 @@ class FileSystem:
                 raise _errno(errno.ENOENT)
             return view.list_xattrs(ino)
 
+    def disk_state(self, ino: int) -> bytes:
+        """The shared-disk state of regular file `ino` in this replica (b"" if none)."""
+        with self._store.read() as view:
+            if view.get_inode(ino) is None:
+                raise _errno(errno.ENOENT)
+            return view.get_disk_state(ino)
+
     def access(self, ino: int, mode: int, caller: Caller) -> bool:
         attrs = self.getattr(ino)
         return may_access(attrs, caller, supplementary_groups(caller.pid), mode)
@@ -430,6 +437,15 @@ class FileSystem:
             mtime = current.st_mtime_ns if changes.mtime_ns is None else changes.mtime_ns
             with self._changing_data(ino, path):
                 os.utime(path, ns=(atime, mtime))
+
+    async def set_disk_state(self, ino: int, expected: bytes, state: bytes) -> None:
+        """Replace the shared-disk state of `ino` on every member if it is still `expected`;
+        EAGAIN if another change came first."""
+        await self._commit(r.SetDiskState(ino, expected, state))
+
+    def backing_path(self, ino: int) -> str:
+        """Where the data of regular file `ino` lives in the block directory."""
+        return self._blockdir.path(ino)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         check_xattr_name(name)

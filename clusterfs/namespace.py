@@ -27,6 +27,7 @@ FIRST_INO = 2
 NAME_MAX_BYTES = 255
 XATTR_NAME_MAX_BYTES = 255
 XATTR_VALUE_MAX_BYTES = 65536
+DISK_STATE_MAX_BYTES = 1 << 20
 DIR_SIZE_BYTES = 4096
 _MAX_DEPTH = 1 << 16  # a parent chain longer than this is a corrupt replica, not a tree
 
@@ -287,6 +288,18 @@ def _remove_xattr(view: View, rec: r.RemoveXattr) -> Applied:
     return Applied(ino=inode.ino, changed_inodes=[inode.ino])
 
 
+def _set_disk_state(view: View, rec: r.SetDiskState) -> Applied:
+    inode = _inode(view, rec.ino)
+    if not stat.S_ISREG(inode.mode):
+        raise NamespaceError(errno.EINVAL, "only a regular file can be a shared disk")
+    if len(rec.state) > DISK_STATE_MAX_BYTES:
+        raise NamespaceError(errno.E2BIG)
+    if view.get_disk_state(rec.ino) != rec.expected:
+        raise NamespaceError(errno.EAGAIN, "the disk's state changed meanwhile")
+    view.put_disk_state(rec.ino, rec.state)
+    return Applied(ino=inode.ino)
+
+
 # -- rename ---------------------------------------------------------------------------------
 
 def _rename(view: View, rec: r.Rename) -> Applied:
@@ -396,4 +409,5 @@ _HANDLERS: dict[type[Any], Callable[[View, Any], Applied]] = {
     r.SetXattr: _set_xattr,
     r.RemoveXattr: _remove_xattr,
     r.Purge: _purge,
+    r.SetDiskState: _set_disk_state,
 }

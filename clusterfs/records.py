@@ -105,9 +105,19 @@ class Purge(Record):
     ino: int
 
 
+class SetDiskState(Record):
+    """Replace the shared-disk state of a regular file (vhdshare's persistent reservations),
+    if it is still `expected`: a compare-and-set, so that nodes deciding from what their
+    replica held cannot overwrite each other's changes. The state is opaque here."""
+
+    ino: int
+    expected: bytes
+    state: bytes
+
+
 AnyRecord = (
     MakeNode | MakeDir | MakeSymlink | Link | Unlink | RemoveDir | Rename | SetAttr | SetXattr
-    | RemoveXattr | Purge
+    | RemoveXattr | Purge | SetDiskState
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -10,6 +10,7 @@ Key layout (all integers big-endian, so LMDB's byte order is numeric order):
     cookies   parent u64 + cookie u64             name (readdir order and stable offsets)
     xattrs    ino u64 + name                      value bytes
     orphans   ino u64                             empty (nlink 0, waiting for the last close)
+    disks     ino u64                             a shared disk's state (vhdshare; opaque here)
     log       first_seq u64                       a committed 2PC batch, encoded by the commit
                                                   driver (the last few, for catching up)
     prepared  first_seq u64                       a durably prepared, not yet applied batch
@@ -56,8 +57,8 @@ DENTRY = struct.Struct(">QQ")
 assert DENTRY.size == 16
 
 MAP_SIZE_BYTES = 64 << 30  # address space only; the file grows as needed
-_DB_NAMES = ("inodes", "symlinks", "dentries", "cookies", "xattrs", "orphans", "log", "prepared",
-             "meta")
+_DB_NAMES = ("inodes", "symlinks", "dentries", "cookies", "xattrs", "orphans", "disks", "log",
+             "prepared", "meta")
 FIRST_COOKIE = 3  # 1 and 2 are the offsets after "." and ".."
 
 
@@ -120,6 +121,7 @@ class View:
         self._txn.delete(key, db=self._db["inodes"])
         self._txn.delete(key, db=self._db["symlinks"])
         self._txn.delete(key, db=self._db["orphans"])
+        self._txn.delete(key, db=self._db["disks"])
         for name in self.list_xattrs(ino):
             self._txn.delete(key + name, db=self._db["xattrs"])
 
@@ -208,6 +210,18 @@ class View:
             names.append(bytes(key[8:]))
         return names
 
+    # -- shared disks -----------------------------------------------------------------------
+    def get_disk_state(self, ino: int) -> bytes:
+        """A shared disk's state; b"" for a file that never had one."""
+        raw = self._txn.get(_u64(ino), db=self._db["disks"])
+        return b"" if raw is None else bytes(raw)
+
+    def put_disk_state(self, ino: int, state: bytes) -> None:
+        if state:
+            self._txn.put(_u64(ino), state, db=self._db["disks"])
+        else:
+            self._txn.delete(_u64(ino), db=self._db["disks"])
+
     # -- counters, sequence, log ----------------------------------------------------------
     def get_counter(self, key: bytes, default: int = 0) -> int:
         raw = self._txn.get(key, db=self._db["meta"])
@@ -277,7 +291,7 @@ class View:
         return [bytes(value) for _, value in self._txn.cursor(db=self._db["prepared"])]
 
 
-REPLICATED_DBS = ("inodes", "symlinks", "dentries", "cookies", "xattrs", "orphans")
+REPLICATED_DBS = ("inodes", "symlinks", "dentries", "cookies", "xattrs", "orphans", "disks")
 REPLICATED_META = (b"next_ino", b"next_cookie", b"applied_seq")
 CLUSTER_ID = b"cluster_id"
 SNAPSHOT_CHUNK_ENTRIES = 50_000  # entries copied between two progress reports

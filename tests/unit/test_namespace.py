@@ -236,6 +236,26 @@ def test_xattr_flags_and_limits(ns: Replica) -> None:
     ns.apply(r.RemoveXattr(a, b"user.x", 1))
 
 
+def test_disk_state_is_compare_and_set(ns: Replica) -> None:
+    ino = ns.file(ROOT_INO, "disk.vhd")
+    ns.apply(r.SetDiskState(ino, b"", b"one"))
+    ns.fails(r.SetDiskState(ino, b"", b"two"), errno.EAGAIN)  # decided from a stale state
+    ns.apply(r.SetDiskState(ino, b"one", b"two"))
+    with ns.store.read() as view:
+        assert view.get_disk_state(ino) == b"two"
+    ns.fails(r.SetDiskState(ROOT_INO, b"", b"x"), errno.EINVAL)
+    ns.fails(r.SetDiskState(999, b"", b"x"), errno.ENOENT)
+
+
+def test_purge_drops_the_disk_state(ns: Replica) -> None:
+    ino = ns.file(ROOT_INO, "disk.vhd")
+    ns.apply(r.SetDiskState(ino, b"", b"state"))
+    ns.apply(r.Unlink(ROOT_INO, b"disk.vhd", ns.tick()))
+    ns.apply(r.Purge(ino))
+    with ns.store.read() as view:
+        assert view.get_disk_state(ino) == b""
+
+
 def test_readdir_cookies_survive_changes(ns: Replica) -> None:
     for i in range(10):
         ns.file(ROOT_INO, f"f{i}")
