@@ -14,7 +14,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol, Self, runtime_checkable
 
 SECTOR_SIZE = 512
@@ -22,6 +26,11 @@ SECTOR_SIZE = 512
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZERO_CHUNK_BYTES = 1 << 20
+
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock: type, whence, start, length, pid
+assert _FLOCK.size == 32, "struct flock layout of this platform is not known"
 
 Runs = list[tuple[int, int, bool]]  # (start, count, flag) in sectors or bytes
 
@@ -121,6 +130,21 @@ def zero_range(fd: int, offset_bytes: int, length_bytes: int) -> None:
         chunk = min(len(zeros), end - offset_bytes)
         pwrite_all(fd, memoryview(zeros)[:chunk], offset_bytes)
         offset_bytes += chunk
+
+
+@contextmanager
+def byte_lock(fd: int, offset_bytes: int) -> Iterator[None]:
+    """Hold an exclusive lock on one byte of `fd`'s file, waiting for it as long as it takes.
+
+    An OFD lock: it belongs to this open file description, so it excludes every other one
+    (other processes, other nodes on a shared file system, other opens in this process), and
+    the kernel drops it when the holder dies. Locking a byte past the end of the file is
+    allowed and touches no data."""
+    fcntl.fcntl(fd, F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset_bytes, 1, 0))
+    try:
+        yield
+    finally:
+        fcntl.fcntl(fd, F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset_bytes, 1, 0))
 
 
 def data_runs(fd: int, offset_bytes: int, length_bytes: int) -> list[tuple[int, int, bool]]:

@@ -16,6 +16,16 @@ A crash before 4 leaves unreferenced space, which is harmless. Unmapping a whole
 block clears its BAT entry first (synced), then frees its space; the slot is
 reused by the next allocation of this session.
 
+Sharing (`shared=True`): the nodes of a cluster write one disk at once, each through its
+own open file and its own cached BAT. Three rules keep those caches true:
+  - a BAT entry only ever goes from unused to allocated, and an allocated block never moves:
+    a shared disk's unmap zeroes data (punches holes) but never frees a block;
+  - an entry cached as unused is read again from the file before it is believed;
+  - growth (steps 1-4 above) runs under an exclusive lock on one byte far past any data
+    (`GROWTH_LOCK_OFFSET`), an OFD lock that every open of the file sees and that dies with
+    its holder; under it the writer reads the entry and the end of the file afresh.
+Sector bitmaps that are not full are never cached, and are changed under the same lock.
+
 Safety against hostile images: `load_layout` checks the header, the BAT and every
 allocated block (inside the file, before the trailing footer, not overlapping the
 metadata or each other) before any I/O; afterwards every file offset we touch is
@@ -32,6 +42,7 @@ from typing import Any
 from vhdshare.blockimage import (
     SECTOR_SIZE,
     append_run,
+    byte_lock,
     check_range,
     check_write_data,
     pread_exact,
@@ -57,6 +68,7 @@ from vhdshare.vhd import (
 from vhdshare.vhdfile import VhdFile, os_errors_as_vhd
 
 Region = tuple[int, int, str]  # (start_bytes, end_bytes, what)
+GROWTH_LOCK_OFFSET = 1 << 62  # far past the largest VHD (2040 GiB)
 
 
 @dataclass(frozen=True)
@@ -132,8 +144,8 @@ class DynamicImage(VhdFile):
     """A dynamic VHD, read and written by sector."""
 
     def __init__(self, fd: int, path: str, footer: Footer, file_size_bytes: int,
-                 writable: bool) -> None:
-        super().__init__(fd, path, footer, file_size_bytes, writable)
+                 writable: bool, shared: bool = False) -> None:
+        super().__init__(fd, path, footer, file_size_bytes, writable, shared)
         trailing_offset = file_size_bytes - VHD_FOOTER.size
         layout = load_layout(fd, footer, self.size_bytes, trailing_offset)
         self.header = layout.header
@@ -145,6 +157,8 @@ class DynamicImage(VhdFile):
         self._end_offset = trailing_offset  # the trailing footer; new blocks go here
         self._bitmaps: dict[int, bytearray | None] = {}  # None: every sector in use
         self._free_slots: list[int] = []
+        table_end = self.header.table_offset + bat_size_bytes(self.header.max_table_entries)
+        self._data_start = max(table_end, footer.data_offset + VHD_DYNAMIC_HEADER.size)
 
     # -- the BlockImage interface ------------------------------------------------
 
@@ -172,9 +186,9 @@ class DynamicImage(VhdFile):
         self._check_writable()
         check_range(lba, count, self.size_bytes, VhdError)
         for block, first, n in self._split(lba, count):
-            if self._bat[block] == BAT_UNUSED:
+            if self._entry(block) == BAT_UNUSED:
                 continue
-            if n == self.sectors_per_block:
+            if n == self.sectors_per_block and not self.shared:
                 self._free_block(block)
             else:
                 zero_range(self._fd, self._data_offset(block, first), n * SECTOR_SIZE)
@@ -184,7 +198,7 @@ class DynamicImage(VhdFile):
         runs: list[tuple[int, int, bool]] = []
         for block, first, n in self._split(lba, count):
             start = block * self.sectors_per_block + first
-            append_run(runs, start, n, self._bat[block] != BAT_UNUSED)
+            append_run(runs, start, n, self._entry(block) != BAT_UNUSED)
         return runs
 
     # -- inspection --------------------------------------------------------------
@@ -222,18 +236,41 @@ class DynamicImage(VhdFile):
             lba += n
             count -= n
 
+    def _entry(self, block: int) -> int:
+        """The BAT entry of `block`; a shared disk's unused entry is read again first."""
+        entry = self._bat[block]
+        if entry == BAT_UNUSED and self.shared:
+            entry = self._reread_entry(block)
+        return entry
+
+    def _reread_entry(self, block: int) -> int:
+        offset = self.header.table_offset + block * VHD_BAT_ENTRY.size
+        (entry,) = VHD_BAT_ENTRY.unpack(self._read_exact(VHD_BAT_ENTRY.size, offset))
+        if entry != BAT_UNUSED:
+            start = entry * SECTOR_SIZE
+            end = start + self.bitmap_size_bytes + self.block_size_bytes
+            if start < self._data_start or end > os.fstat(self._fd).st_size - VHD_FOOTER.size:
+                raise VhdError(f"BAT entry {block}, written by another writer, points outside "
+                               "the image's data")
+            self._bat[block] = entry
+        return int(entry)
+
     def _data_offset(self, block: int, first_sector: int) -> int:
         return self._bat[block] * SECTOR_SIZE + self.bitmap_size_bytes + first_sector * SECTOR_SIZE
 
     def _bitmap(self, block: int) -> bytearray | None:
-        if block not in self._bitmaps:
-            raw = self._read_exact(self.bitmap_size_bytes, self._bat[block] * SECTOR_SIZE)
-            full = bitmap_full(raw, self.sectors_per_block)
-            self._bitmaps[block] = None if full else bytearray(raw)
-        return self._bitmaps[block]
+        """The block's sector bitmap, None when every bit is set. Another writer may set
+        bits of a shared disk's partial bitmap, so only full ones are cached then."""
+        if block in self._bitmaps:
+            return self._bitmaps[block]
+        raw = self._read_exact(self.bitmap_size_bytes, self._bat[block] * SECTOR_SIZE)
+        bitmap = None if bitmap_full(raw, self.sectors_per_block) else bytearray(raw)
+        if bitmap is None or not self.shared:
+            self._bitmaps[block] = bitmap
+        return bitmap
 
     def _read_in_block(self, block: int, first: int, n: int) -> bytes:
-        if self._bat[block] == BAT_UNUSED:
+        if self._entry(block) == BAT_UNUSED:
             return bytes(n * SECTOR_SIZE)
         data = self._read_exact(n * SECTOR_SIZE, self._data_offset(block, first))
         bitmap = self._bitmap(block)
@@ -246,16 +283,35 @@ class DynamicImage(VhdFile):
         return bytes(out)
 
     def _write_in_block(self, block: int, first: int, data: memoryview) -> None:
-        if self._bat[block] == BAT_UNUSED:
-            self._allocate(block, first, data)
-            return
+        if self._entry(block) == BAT_UNUSED:
+            if not self.shared:
+                self._allocate(block, first, data)
+                return
+            with byte_lock(self._fd, GROWTH_LOCK_OFFSET):
+                if self._reread_entry(block) == BAT_UNUSED:
+                    # Others may have grown the file since we looked: its end is ours now.
+                    self._end_offset = os.fstat(self._fd).st_size - VHD_FOOTER.size
+                    if self._end_offset % SECTOR_SIZE:
+                        raise VhdError("the file does not end in a sector-aligned footer")
+                    self._allocate(block, first, data)
+                    return
         pwrite_all(self._fd, data, self._data_offset(block, first))
+        if self._bitmap(block) is None:
+            return
+        if not self.shared:
+            self._mark_written(block, first, len(data) // SECTOR_SIZE)
+            return
+        with byte_lock(self._fd, GROWTH_LOCK_OFFSET):
+            self._mark_written(block, first, len(data) // SECTOR_SIZE)
+
+    def _mark_written(self, block: int, first: int, count: int) -> None:
         bitmap = self._bitmap(block)
-        if bitmap is not None:
-            bitmap_set_range(bitmap, first, len(data) // SECTOR_SIZE)
-            pwrite_all(self._fd, bitmap, self._bat[block] * SECTOR_SIZE)
-            if bitmap_full(bitmap, self.sectors_per_block):
-                self._bitmaps[block] = None
+        if bitmap is None:
+            return
+        bitmap_set_range(bitmap, first, count)
+        pwrite_all(self._fd, bitmap, self._bat[block] * SECTOR_SIZE)
+        if bitmap_full(bitmap, self.sectors_per_block):
+            self._bitmaps[block] = None
 
     def _allocate(self, block: int, first: int, data: memoryview) -> None:
         """Give `block` space, fill it with `data` at sector `first`, then point the BAT at it."""

@@ -56,8 +56,8 @@ class FixedImage(VhdFile):
     """A fixed VHD: the disk's bytes, then the footer."""
 
     def __init__(self, fd: int, path: str, footer: Any, file_size_bytes: int,
-                 writable: bool) -> None:
-        super().__init__(fd, path, footer, file_size_bytes, writable)
+                 writable: bool, shared: bool = False) -> None:
+        super().__init__(fd, path, footer, file_size_bytes, writable, shared)
         if self.size_bytes > file_size_bytes - VHD_FOOTER.size:
             raise VhdError(f"fixed VHD of {self.size_bytes} bytes is stored in a file of only "
                            f"{file_size_bytes} bytes (truncated?)")
@@ -96,27 +96,29 @@ class FixedImage(VhdFile):
 VhdImage = FixedImage | DynamicImage
 
 
-def open_image(path: str | os.PathLike[str], writable: bool = False) -> VhdImage:
-    """Open a fixed or dynamic VHD; anything wrong with it is a VhdError."""
+def open_image(path: str | os.PathLike[str], writable: bool = False,
+               shared: bool = False) -> VhdImage:
+    """Open a fixed or dynamic VHD; anything wrong with it is a VhdError. `shared`: other
+    processes write the file at the same time (see `vhdshare.dynamic`, "Sharing")."""
     name = os.fspath(path)
     try:
         fd = os.open(name, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
     except OSError as exc:
         raise VhdError(f"cannot open {name}: {exc.strerror}") from None
     try:
-        return _open_fd(fd, name, writable)
+        return _open_fd(fd, name, writable, shared)
     except BaseException:
         os.close(fd)
         raise
 
 
 @os_errors_as_vhd
-def _open_fd(fd: int, name: str, writable: bool) -> VhdImage:
+def _open_fd(fd: int, name: str, writable: bool, shared: bool) -> VhdImage:
     file_size_bytes = os.fstat(fd).st_size
     footer = read_trailing_footer(fd, file_size_bytes)
     validate_footer(footer)
     image_class = FixedImage if footer.disk_type == DISK_TYPE_FIXED else DynamicImage
-    return image_class(fd, name, footer, file_size_bytes, writable)
+    return image_class(fd, name, footer, file_size_bytes, writable, shared)
 
 
 def looks_like_vhd(path: str | os.PathLike[str]) -> bool:

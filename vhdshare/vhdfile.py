@@ -70,8 +70,9 @@ class VhdFile:
     sector_size = SECTOR_SIZE
 
     def __init__(self, fd: int, path: str, footer: Footer, file_size_bytes: int,
-                 writable: bool) -> None:
+                 writable: bool, shared: bool = False) -> None:
         self._fd = fd
+        self.shared = shared  # other processes (other nodes) write the same file
         self.path = path
         self.footer = footer
         self.file_size_bytes = file_size_bytes
