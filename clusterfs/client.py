@@ -313,8 +313,9 @@ class Client:
         send, receive = trio.open_memory_channel[m.Result | None](1)
         self._waiting[call_id] = send
         self._transport.send(session.address, m.encode(m.Call(session.session_id, call_id, op)))
-        timeout_s = max(self.call_timeout_s, FSYNC_TIMEOUT_S) if isinstance(op, m.Fsync) \
-            else self.call_timeout_s
+        # A flush, or a disk command that flushes, may take long; a dead node is pushed.
+        timeout_s = max(self.call_timeout_s, FSYNC_TIMEOUT_S) \
+            if isinstance(op, (m.Fsync, m.Tunnel)) else self.call_timeout_s
         with trio.move_on_after(timeout_s):
             result = await receive.receive()
             if result is None:

@@ -45,6 +45,7 @@ from clusterfs.txn.transport import (
     Transport,
     TransportError,
 )
+from vhdshare.unpacker import Unpacker
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,9 @@ class Node:
             config.name, config.listen, store, self._send_membership, self.commit,
             Witness(self.registry.cluster_dir), self._went_offline)
         self.fs.committer = self.commit
+        self.unpacker = Unpacker(self.fs)  # vhdshare's tunnel service
         self.protocol = ProtocolServer(
-            config.name, FileOps(self.fs), self._send_client, self._send_lb,
+            config.name, FileOps(self.fs, self.unpacker), self._send_client, self._send_lb,
             incarnation=time.time_ns() // 1000)
         self.membership.view_listeners.append(self._view_installed)
         self.transport.on(CHANNEL_TXN, self.commit.on_frame)
@@ -265,6 +267,7 @@ class Node:
             self._mounted = False
             pyfuse3.close(unmount=True)
             self.protocol.close_all()
+            self.unpacker.close()
             self.fs.close_all()
             self.fs.remove_purged_now()
 

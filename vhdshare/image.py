@@ -135,10 +135,11 @@ def looks_like_vhd(path: str | os.PathLike[str]) -> bool:
         raise VhdError(f"cannot open {os.fspath(path)}: {exc.strerror}") from None
 
 
-def open_block_image(path: str | os.PathLike[str], writable: bool = False) -> BlockImage:
+def open_block_image(path: str | os.PathLike[str], writable: bool = False,
+                     shared: bool = False) -> BlockImage:
     """A VHD if the file looks like one, otherwise the file as a raw disk."""
     if looks_like_vhd(path):
-        return open_image(path, writable)
+        return open_image(path, writable, shared)
     return RawImage(path, writable)
 
 

@@ -1,0 +1,196 @@
+"""The node's unpacker behind the protocol's TUNNEL call, against a temporary replica and
+block directory (the local committer). Two `Unpacker`s on one file system stand for two nodes:
+the reservation state they share is the replica's, as on every member of a cluster."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from clusterfs.namespace import NamespaceError
+from clusterfs.protocol import messages as m
+from clusterfs.protocol.ops import FileOps
+from tests.ops.conftest import Rig
+from vhdshare import diskstate
+from vhdshare import initiator as cdbs
+from vhdshare.image import create_image
+from vhdshare.reservations import PrInAction, PrOutAction, PrType
+from vhdshare.scsi import SenseKey, Status
+from vhdshare.tunnel import (
+    Direction,
+    TunnelRequest,
+    TunnelResponse,
+    pack_request,
+    unpack_response,
+)
+from vhdshare.unpacker import Unpacker
+
+MIB = 1 << 20
+
+
+class Node:
+    """One node's FileOps with its own unpacker, and a session's open disk."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.unpacker = Unpacker(rig.fs)
+        self.ops = FileOps(rig.fs, self.unpacker)
+        self.handles: set[int] = set()
+        self.handle = 0
+
+    async def open(self, path: str) -> None:
+        opened = await self.ops.run(m.Open(path, os.O_RDWR), self.handles)
+        assert isinstance(opened, m.Handle)
+        self.handle = opened.handle
+
+    async def send(self, request: TunnelRequest) -> TunnelResponse:
+        reply = await self.ops.run(m.Tunnel(self.handle, pack_request(request)), self.handles)
+        assert isinstance(reply, m.Data)
+        return unpack_response(reply.data)
+
+    def close(self) -> None:
+        self.ops.close_all(self.handles)
+        self.unpacker.close()
+
+
+def command(request_id: int, initiator: str, cdb: bytes, data_out: bytes = b"",
+            data_in: int = 0) -> TunnelRequest:
+    direction = Direction.DATA_OUT if data_out else (
+        Direction.DATA_IN if data_in else Direction.NONE)
+    return TunnelRequest(request_id, initiator, cdb, direction,
+                         len(data_out) or data_in, data_out)
+
+
+def register(request_id: int, initiator: str, key: int) -> TunnelRequest:
+    return command(request_id, initiator, cdbs.pr_out(PrOutAction.REGISTER),
+                   cdbs.pr_out_parameters(0, key))
+
+
+def read_keys(request_id: int, initiator: str) -> TunnelRequest:
+    return command(request_id, initiator, cdbs.pr_in(PrInAction.READ_KEYS),
+                   data_in=cdbs.PR_IN_ALLOCATION_BYTES)
+
+
+async def make_disk(rig: Rig, tmp_path: Path, name: str = "/disk.vhd") -> None:
+    """A 16 MiB dynamic VHD at `name` in the namespace, written through the file protocol."""
+    create_image(tmp_path / "template.vhd", 16 * MIB, "dynamic")
+    ops, handles = FileOps(rig.fs), set[int]()
+    opened = await ops.run(m.Open(name, os.O_RDWR | os.O_CREAT), handles)
+    assert isinstance(opened, m.Handle)
+    await ops.run(m.Write(opened.handle, 0, (tmp_path / "template.vhd").read_bytes()), handles)
+    ops.close_all(handles)
+
+
+@pytest.fixture
+async def nodes(rig: Rig, tmp_path: Path) -> list[Node]:
+    await make_disk(rig, tmp_path)
+    pair = [Node(rig), Node(rig)]
+    for node in pair:
+        await node.open("/disk.vhd")
+    yield pair  # type: ignore[misc]
+    for node in pair:
+        node.close()
+
+
+async def test_data_written_through_one_node_is_read_through_the_other(nodes: list[Node]
+                                                                      ) -> None:
+    a, b = nodes
+    data = bytes(range(256)) * 2 * 8
+    written = await a.send(command(1, "host-a", cdbs.write16(4096, 8), data))
+    assert written.status == Status.GOOD
+    read = await b.send(command(2, "host-b", cdbs.read16(4096, 8), data_in=8 * 512))
+    assert (read.status, read.data_in) == (Status.GOOD, data)
+
+
+async def test_a_retried_reservation_command_is_applied_once(rig: Rig, nodes: list[Node]
+                                                            ) -> None:
+    a, b = nodes
+    first = await a.send(register(7, "host-a", 0xA1))
+    assert first.status == Status.GOOD
+    # The same packet again, through this node and through another (a failover): the answer
+    # is the one given, and the registration is not applied twice.
+    assert (await a.send(register(7, "host-a", 0xA1))).status == Status.GOOD
+    assert (await b.send(register(7, "host-a", 0xA1))).status == Status.GOOD
+    keys = cdbs.parse_read_keys((await b.send(read_keys(8, "host-a"))).data_in)
+    assert (keys.generation, keys.keys) == (1, [0xA1])
+    # The same command with a new request id is a new command: registering again with the
+    # wrong current key (0) is a RESERVATION CONFLICT, so a duplicate would have shown.
+    again = await b.send(register(9, "host-a", 0xA1))
+    assert again.status == Status.RESERVATION_CONFLICT
+    state = diskstate.decode(rig.fs.disk_state(rig.fs.find(1, b"disk.vhd").ino))
+    assert [(c.initiator, c.request_id) for c in state.done] == [("host-a", 7)]
+
+
+async def test_a_reservation_decided_on_a_stale_state_is_decided_again(rig: Rig,
+                                                                       nodes: list[Node]
+                                                                       ) -> None:
+    a, b = nodes
+    real_set = rig.fs.set_disk_state
+    raced: list[TunnelResponse] = []
+
+    async def set_after_a_rival(ino: int, expected: bytes, state: bytes) -> None:
+        rig.fs.set_disk_state = real_set  # type: ignore[method-assign]
+        # node b registers its host between a's read of the state and a's commit
+        raced.append(await b.send(register(1, "host-b", 0xB2)))
+        await real_set(ino, expected, state)
+
+    rig.fs.set_disk_state = set_after_a_rival  # type: ignore[method-assign]
+    try:
+        assert (await a.send(register(1, "host-a", 0xA1))).status == Status.GOOD
+    finally:
+        rig.fs.set_disk_state = real_set  # type: ignore[method-assign]
+    assert raced[0].status == Status.GOOD
+    keys = cdbs.parse_read_keys((await a.send(read_keys(2, "host-a"))).data_in)
+    assert (keys.generation, sorted(keys.keys)) == (2, [0xA1, 0xB2])
+
+
+async def test_reservations_hold_on_every_node(nodes: list[Node]) -> None:
+    a, b = nodes
+    assert (await a.send(register(1, "host-a", 0xA1))).status == Status.GOOD
+    reserve = command(2, "host-a", cdbs.pr_out(PrOutAction.RESERVE,
+                                               PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY),
+                      cdbs.pr_out_parameters(0xA1))
+    assert (await a.send(reserve)).status == Status.GOOD
+    blocked = await b.send(command(1, "host-b", cdbs.write16(0, 1), bytes(512)))
+    assert blocked.status == Status.RESERVATION_CONFLICT
+    assert (await b.send(register(2, "host-b", 0xB2))).status == Status.GOOD
+    assert (await b.send(command(3, "host-b", cdbs.write16(0, 1), bytes(512)))).status == \
+        Status.GOOD
+    preempt = command(3, "host-a", cdbs.pr_out(PrOutAction.PREEMPT,
+                                               PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY),
+                      cdbs.pr_out_parameters(0xA1, 0xB2))
+    assert (await a.send(preempt)).status == Status.GOOD
+    # b first hears that its registration was preempted (a unit attention, which changes
+    # the replicated state too), then is refused.
+    attention = await b.send(command(4, "host-b", cdbs.write16(0, 1), bytes(512)))
+    assert attention.status == Status.CHECK_CONDITION
+    assert attention.sense[2] & 0x0F == SenseKey.UNIT_ATTENTION
+    refused = await a.send(command(5, "host-b", cdbs.write16(0, 1), bytes(512)))
+    assert refused.status == Status.RESERVATION_CONFLICT
+
+
+async def test_bad_packets_and_bad_disks_are_errors(rig: Rig, nodes: list[Node]) -> None:
+    a, _ = nodes
+    with pytest.raises(OSError) as caught:
+        await a.ops.run(m.Tunnel(a.handle, b"VHDT garbage"), a.handles)
+    assert caught.value.errno == errno.EBADMSG
+    ops, handles = FileOps(rig.fs), set[int]()
+    opened = await ops.run(m.Open("/broken.vhd", os.O_RDWR | os.O_CREAT), handles)
+    assert isinstance(opened, m.Handle)
+    footer = bytearray(512)
+    footer[:8] = b"conectix"  # looks like a VHD, is not one
+    await ops.run(m.Write(opened.handle, 0, bytes(4096) + footer), handles)
+    ops.close_all(handles)
+    await a.open("/broken.vhd")
+    with pytest.raises(OSError) as caught:
+        await a.send(read_keys(1, "host-a"))
+    assert caught.value.errno == errno.EIO
+    assert "not usable as a disk" in str(caught.value)
+
+
+async def test_the_disk_state_is_refused_on_a_directory(rig: Rig) -> None:
+    with pytest.raises(NamespaceError) as caught:
+        await rig.fs.set_disk_state(1, b"", b"x")
+    assert caught.value.errno == errno.EINVAL

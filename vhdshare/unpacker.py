@@ -1,0 +1,162 @@
+"""The node's unpacker: executes tunnel packets from VM hosts on shared disks.
+
+Theory of operation. A VM host opens a disk's file in a file-protocol session and sends
+each SCSI command as a tunnel request packet (`vhdshare.tunnel`) with the protocol's TUNNEL
+call; the node hands the packet to `Unpacker` with the file's inode. The unpacker keeps one
+`SharedDisk` per inode: the image opened in shared mode straight from the block directory
+(the node's own FUSE mount and its page cache are not in the way) and a SCSI `Target`.
+
+    packet ─► unpack ─► state from the replica ─► Target.execute (worker thread) ─►
+              state changed? ─► SetDiskState (2PC, compare-and-set) ─► response packet
+
+The persistent-reservation state lives in the replicated namespace, not here: every command
+starts from the replica's value, so every node enforces the same registrations. A command
+that changes it (PERSISTENT RESERVE OUT, or a unit attention being reported) answers only
+once the change is committed on every member; if another node changed the state first, the
+compare-and-set fails and the command runs again on the new state. Commands that change the
+state do no disk I/O, so running one again is harmless. A reservation command is remembered
+with its answer in the same record (`vhdshare.diskstate`): the same command retried through
+any node (after a failover) gets that answer and is not applied twice.
+
+Commands of one disk run one at a time on a node (sessions' calls are ordered already);
+disks idle for `IDLE_CLOSE_S` are closed. Bad packets are EBADMSG for the TUNNEL call; a
+file that cannot be opened as a disk is EIO with the reason; SCSI errors are SCSI answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from clusterfs.namespace import NamespaceError
+from vhdshare import diskstate
+from vhdshare.blockimage import ImageError
+from vhdshare.diskstate import DiskState, DoneCommand
+from vhdshare.image import open_block_image
+from vhdshare.scsi import Opcode, ScsiResponse, Status
+from vhdshare.target import Target
+from vhdshare.tunnel import (
+    Direction,
+    TunnelProtocolError,
+    TunnelRequest,
+    TunnelResponse,
+    pack_response,
+    unpack_request,
+)
+
+log = logging.getLogger(__name__)
+
+IDLE_CLOSE_S = 60.0
+MAX_STATE_ATTEMPTS = 20  # compare-and-set rounds before answering BUSY
+
+
+class DiskStore(Protocol):
+    """What the unpacker needs of the node's file system (`clusterfs.filesystem`);
+    `set_disk_state` raises NamespaceError(EAGAIN) when the state is no longer `expected`."""
+
+    def disk_state(self, ino: int) -> bytes: ...
+
+    def set_disk_state(self, ino: int, expected: bytes, state: bytes) -> Awaitable[None]: ...
+
+    def backing_path(self, ino: int) -> str: ...
+
+
+@dataclass
+class SharedDisk:
+    ino: int
+    target: Target
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    last_used_s: float = 0.0
+    _raw: bytes | None = None
+    _state: DiskState = field(default_factory=DiskState)
+
+    def state_of(self, raw: bytes) -> DiskState:
+        if raw != self._raw:
+            self._state, self._raw = diskstate.decode(raw), raw
+        return self._state
+
+
+class Unpacker:
+    """The node's tunnel service; see the module docstring."""
+
+    def __init__(self, store: DiskStore) -> None:
+        self.store = store
+        self._disks: dict[int, SharedDisk] = {}
+
+    async def __call__(self, ino: int, fd: int, payload: bytes) -> bytes:
+        try:
+            request = unpack_request(payload)
+        except TunnelProtocolError as exc:
+            raise OSError(errno.EBADMSG, f"bad tunnel packet: {exc}") from None
+        disk = self._disk(ino)
+        async with disk.lock:
+            response = await self._execute(disk, request)
+        disk.last_used_s = time.monotonic()
+        return pack_response(TunnelResponse(request.request_id, response.status, response.sense,
+                                            response.data_in))
+
+    def close(self) -> None:
+        for disk in self._disks.values():
+            disk.target.image.close()
+        self._disks.clear()
+
+    # -- disks ---------------------------------------------------------------------------
+    def _disk(self, ino: int) -> SharedDisk:
+        self._close_idle(time.monotonic())
+        disk = self._disks.get(ino)
+        if disk is None:
+            path = self.store.backing_path(ino)
+            try:
+                image = open_block_image(path, writable=True, shared=True)
+            except (ImageError, OSError) as exc:
+                raise OSError(errno.EIO, f"not usable as a disk: {exc}") from None
+            disk = SharedDisk(ino, Target(image, f"clusterfs-{ino}"))
+            self._disks[ino] = disk
+        return disk
+
+    def _close_idle(self, now_s: float) -> None:
+        for ino, disk in list(self._disks.items()):
+            if now_s - disk.last_used_s > IDLE_CLOSE_S and not disk.lock.locked():
+                del self._disks[ino]
+                disk.target.image.close()
+
+    # -- commands ------------------------------------------------------------------------
+    async def _execute(self, disk: SharedDisk, request: TunnelRequest) -> ScsiResponse:
+        reserving = bool(request.cdb) and request.cdb[0] == Opcode.PERSISTENT_RESERVE_OUT
+        mark = diskstate.fingerprint(request.cdb, request.data_out) if reserving else b""
+        data_in_limit = (request.data_length_bytes if request.direction is Direction.DATA_IN
+                         else 0)
+        for _ in range(MAX_STATE_ATTEMPTS):
+            raw = self.store.disk_state(disk.ino)
+            state = disk.state_of(raw)
+            done = state.find_done(request.initiator, request.request_id, mark) \
+                if reserving else None
+            if done is not None:
+                log.info("%s: reservation command %d of %s was applied before; answered again",
+                         disk.ino, request.request_id, request.initiator)
+                return ScsiResponse(Status(done.status), done.sense)
+            disk.target.state = state.reservations
+            response = await trio.to_thread.run_sync(
+                disk.target.execute, request.initiator, request.cdb, request.data_out,
+                data_in_limit)
+            if disk.target.state == state.reservations:
+                return response
+            new_state = DiskState(disk.target.state, state.done)
+            if reserving:
+                new_state = new_state.with_done(DoneCommand(
+                    request.initiator, request.request_id, mark, response.status,
+                    response.sense))
+            try:
+                await self.store.set_disk_state(disk.ino, raw, diskstate.encode(new_state))
+            except NamespaceError as exc:
+                if exc.errno == errno.EAGAIN:
+                    continue  # another node changed the state first: decide again on its value
+                raise
+            return response
+        return ScsiResponse(Status.BUSY)
