@@ -118,6 +118,7 @@ class Unpacker:
                 raise OSError(errno.EIO, f"not usable as a disk: {exc}") from None
             disk = SharedDisk(ino, Target(image, f"clusterfs-{ino}"))
             self._disks[ino] = disk
+        disk.last_used_s = time.monotonic()  # not idle while a command waits for it
         return disk
 
     def _close_idle(self, now_s: float) -> None:
