@@ -18,6 +18,8 @@ from vhdshare.blockimage import SECTOR_SIZE, ImageError, RawImage
 from vhdshare.check import REPAIRABLE, REPAIRED, check_image
 from vhdshare.convert import TARGET_TYPES, convert
 from vhdshare.image import create_image, looks_like_vhd, open_image
+from vhdshare.prcli import PrError
+from vhdshare.prcli import add_parser as add_pr_parser
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -152,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst")
     conv.add_argument("--type", choices=TARGET_TYPES, required=True)
     conv.set_defaults(func=cmd_convert)
+    add_pr_parser(commands)
     return parser
 
 
@@ -163,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageError, OSError, CliError) as exc:
         print(f"vhdshare: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except PrError as exc:
+        print(f"vhdshare: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("vhdshare: interrupted", file=sys.stderr)
         return 130

@@ -25,7 +25,7 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from clusterfs.client import Client, ClientError
+from clusterfs.client import ROUTE_TIMEOUT_S, Client, ClientError
 from clusterfs.credentials import Credentials
 from vhdshare import initiator as cdbs
 from vhdshare.initiator import Keys, ReservationInfo
@@ -54,7 +54,7 @@ class ScsiError(Exception):
 
     def __init__(self, what: str, response: TunnelResponse) -> None:
         self.response = response
-        self.status = Status(response.status)
+        self.status = response.status  # a Status value, or another a target may send
         super().__init__(f"{what}: {describe(response)}")
 
     @property
@@ -97,12 +97,13 @@ class RemoteDisk:
     @classmethod
     @asynccontextmanager
     async def attach(cls, cluster: list[str], credentials: Credentials, path: str,
-                     initiator: str, session_id: str | None = None
-                     ) -> AsyncIterator[RemoteDisk]:
-        """The disk at `path` in the cluster, attached for `initiator` until the block ends."""
+                     initiator: str, session_id: str | None = None,
+                     route_timeout_s: float = ROUTE_TIMEOUT_S) -> AsyncIterator[RemoteDisk]:
+        """The disk at `path` in the cluster, attached for `initiator` until the block ends.
+        `route_timeout_s`: how long to look for a node before giving up (DiskError)."""
         try:
-            async with Client(cluster, credentials, session_id or f"vhdshare:{initiator}"
-                              ) as client:
+            async with Client(cluster, credentials, session_id or f"vhdshare:{initiator}",
+                              route_timeout_s=route_timeout_s) as client:
                 try:
                     handle = await client.open(path, os.O_RDWR)
                 except OSError as exc:

@@ -111,7 +111,7 @@ async def write_status(disk: RemoteDisk, lba: int = 0) -> Status:
     try:
         await disk.write(lba, bytes(512))
     except ScsiError as exc:
-        return exc.status
+        return Status(exc.status)
     return Status.GOOD
 
 
