@@ -3,7 +3,9 @@
 It formats a block directory, starts node n1 (which founds the cluster) and nodes n2 and n3
 (which join it), each with its own mount point and state directory, then shows a file
 written through n1 read through n3, a create race between two nodes settled with exactly
-one winner, a rename seen everywhere, and `clusterfs status`. Ctrl-C (or SIGTERM) stops
+one winner, a rename seen everywhere, a shared disk's reservation held for one VM host and
+refused to another (`vhdshare pr`, through the cluster's file protocol), and `clusterfs
+status`. Ctrl-C (or SIGTERM) stops
 and unmounts every node. Run again on the same directory, the nodes restart from their
 state directories.
 """
@@ -29,6 +31,10 @@ NODES = ("n1", "n2", "n3")
 
 def _clusterfs() -> list[str]:
     return [sys.executable, "-m", "clusterfs.cli"]
+
+
+def _vhdshare() -> list[str]:
+    return [sys.executable, "-c", "import sys; from vhdshare.cli import main; sys.exit(main())"]
 
 
 def _say(text: str) -> None:
@@ -112,8 +118,36 @@ def _tour(cluster: DemoCluster) -> None:
     os.rename(m2 / "hello.txt", m2 / "greeting.txt")
     for mnt in (m1, m3):
         _say(f"  {mnt}: {' '.join(sorted(os.listdir(mnt)))}")
+    _shared_disk(cluster)
     _say(f"\n$ clusterfs status {m1}")
     subprocess.run([*_clusterfs(), "status", str(m1)], check=False)
+
+
+def _shared_disk(cluster: DemoCluster) -> None:
+    """A VM host reserves a shared disk; another host is refused; the reservation is
+    cleared again, so that the next run of the demo starts from the same state."""
+    disk = cluster.mnt(NODES[0]) / "shared.vhd"
+    if not disk.exists():
+        _say(f"\n$ vhdshare create {disk} --size 1G --type dynamic")
+        subprocess.run([*_vhdshare(), "create", str(disk), "--size", "1G", "--type",
+                        "dynamic"], check=False)
+    addresses = ",".join(f"127.0.0.1:{cluster.ports[name]}" for name in NODES)
+    credentials = cluster.blocks / "cluster" / "credentials"
+    common = ["pr", "--cluster", addresses, "--credentials", str(credentials),
+              "--disk", "/shared.vhd"]
+    steps = [("host-a", ["register", "--key", "0xa1", "--ignore-existing"]),
+             ("host-a", ["reserve", "--key", "0xa1", "--type", "we-ro"]),
+             ("host-b", ["read-reservation"]),
+             ("host-b", ["reserve", "--key", "0xb2", "--type", "we-ro"]),
+             ("host-a", ["clear", "--key", "0xa1"])]
+    _say("\n# two VM hosts and one shared disk: a reservation holds through every node")
+    for host, action in steps:
+        _say(f"$ vhdshare pr --cluster ... --disk /shared.vhd --initiator {host} "
+             f"{' '.join(action)}")
+        done = subprocess.run([*_vhdshare(), *common, "--initiator", host, *action],
+                              capture_output=True, text=True, check=False)
+        for line in (done.stdout + done.stderr).splitlines():
+            _say(line)
 
 
 def _race(m1: Path, m2: Path) -> None:

@@ -31,6 +31,8 @@ def test_demo_tours_three_nodes_and_stops(fresh_base: Path) -> None:
     status = out.split("clusterfs status", 1)[1]
     assert "members n1, n2, n3" in status
     assert "equal on every online node" in status
+    assert "  PR generation=0x1, Reservation follows:" in out  # host-b sees host-a's
+    assert "vhdshare: error: RESERVE: RESERVATION CONFLICT" in out
     assert out.rstrip().endswith("stopped")
 
 
