@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol, Self, runtime_checkable
 
+from vhdshare import directio
+
 SECTOR_SIZE = 512
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -74,14 +76,16 @@ def check_write_data(data: bytes, error: type[ImageError]) -> int:
 
 
 def pread_exact(fd: int, length_bytes: int, offset_bytes: int, error: type[ImageError]) -> bytes:
-    """Read exactly `length_bytes` or raise `error` (the file is shorter than it claims)."""
-    data = os.pread(fd, length_bytes, offset_bytes)
+    """Read exactly `length_bytes` or raise `error` (the file is shorter than it claims).
+    Files opened with O_DIRECT are read through `directio`."""
+    read = directio.pread if directio.is_direct(fd) else os.pread
+    data = read(fd, length_bytes, offset_bytes)
     if len(data) == length_bytes:
         return data
     parts = [data]
     got = len(data)
     while got < length_bytes:
-        more = os.pread(fd, length_bytes - got, offset_bytes + got)
+        more = read(fd, length_bytes - got, offset_bytes + got)
         if not more:
             raise error(f"file ends inside a read of {length_bytes} bytes at {offset_bytes}")
         parts.append(more)
@@ -91,6 +95,9 @@ def pread_exact(fd: int, length_bytes: int, offset_bytes: int, error: type[Image
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset_bytes: int) -> None:
     """Write all of `data` at `offset_bytes` (pwrite may write less than asked)."""
+    if directio.is_direct(fd):
+        directio.pwrite(fd, data, offset_bytes)
+        return
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset_bytes)
@@ -219,10 +226,12 @@ class RawImage:
 
     sector_size = SECTOR_SIZE
 
-    def __init__(self, path: str | os.PathLike[str], writable: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], writable: bool = False,
+                 direct: bool = False) -> None:
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         try:
-            self._fd = os.open(path, flags)
+            self._fd = directio.open_direct(os.fspath(path), flags) if direct \
+                else os.open(path, flags)
         except OSError as exc:
             raise ImageError(f"cannot open {os.fspath(path)}: {exc.strerror}") from None
         self.writable = writable
@@ -272,6 +281,9 @@ class RawImage:
         byte_runs = data_runs(self._fd, lba * SECTOR_SIZE, count * SECTOR_SIZE)
         runs = sector_runs(byte_runs, lba * SECTOR_SIZE)
         return fill_gaps([(first + lba, n, flag) for first, n, flag in runs], lba, count)
+
+    def fileno(self) -> int:
+        return self._fd
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from vhdshare import directio
 from vhdshare.blockimage import (
     SECTOR_SIZE,
     BlockImage,
@@ -97,12 +98,14 @@ VhdImage = FixedImage | DynamicImage
 
 
 def open_image(path: str | os.PathLike[str], writable: bool = False,
-               shared: bool = False) -> VhdImage:
+               shared: bool = False, direct: bool = False) -> VhdImage:
     """Open a fixed or dynamic VHD; anything wrong with it is a VhdError. `shared`: other
-    processes write the file at the same time (see `vhdshare.dynamic`, "Sharing")."""
+    processes write the file at the same time (see `vhdshare.dynamic`, "Sharing");
+    `direct`: bypass the page cache where the file system allows (`vhdshare.directio`)."""
     name = os.fspath(path)
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
     try:
-        fd = os.open(name, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        fd = directio.open_direct(name, flags) if direct else os.open(name, flags)
     except OSError as exc:
         raise VhdError(f"cannot open {name}: {exc.strerror}") from None
     try:
@@ -136,11 +139,11 @@ def looks_like_vhd(path: str | os.PathLike[str]) -> bool:
 
 
 def open_block_image(path: str | os.PathLike[str], writable: bool = False,
-                     shared: bool = False) -> BlockImage:
+                     shared: bool = False, direct: bool = False) -> BlockImage:
     """A VHD if the file looks like one, otherwise the file as a raw disk."""
     if looks_like_vhd(path):
-        return open_image(path, writable, shared)
-    return RawImage(path, writable)
+        return open_image(path, writable, shared, direct)
+    return RawImage(path, writable, direct)
 
 
 def check_new_size(size_bytes: int) -> None:

@@ -3,8 +3,9 @@
 Theory of operation. A VM host opens a disk's file in a file-protocol session and sends
 each SCSI command as a tunnel request packet (`vhdshare.tunnel`) with the protocol's TUNNEL
 call; the node hands the packet to `Unpacker` with the file's inode. The unpacker keeps one
-`SharedDisk` per inode: the image opened in shared mode straight from the block directory
-(the node's own FUSE mount and its page cache are not in the way) and a SCSI `Target`.
+`SharedDisk` per inode: the image opened in shared mode straight from the block directory,
+with O_DIRECT where the file system allows (`vhdshare.directio`: neither the node's FUSE
+mount nor the host's page cache is in the way), and a SCSI `Target`.
 
     packet ─► unpack ─► state from the replica ─► Target.execute (worker thread) ─►
               state changed? ─► SetDiskState (2PC, compare-and-set) ─► response packet
@@ -113,7 +114,7 @@ class Unpacker:
         if disk is None:
             path = self.store.backing_path(ino)
             try:
-                image = open_block_image(path, writable=True, shared=True)
+                image = open_block_image(path, writable=True, shared=True, direct=True)
             except (ImageError, OSError) as exc:
                 raise OSError(errno.EIO, f"not usable as a disk: {exc}") from None
             disk = SharedDisk(ino, Target(image, f"clusterfs-{ino}"))

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any, ParamSpec, Self, TypeVar
 
+from vhdshare import directio
 from vhdshare.blockimage import SECTOR_SIZE, pread_exact
 from vhdshare.vhd import (
     DISK_TYPE_NAMES,
@@ -41,7 +42,8 @@ def read_footer_at(fd: int, offset_bytes: int) -> Footer:
     """Parse the footer stored at `offset_bytes` (VhdError if absent or damaged)."""
     if offset_bytes < 0:
         raise VhdError("file too short for a VHD footer")
-    raw = os.pread(fd, VHD_FOOTER.size, offset_bytes)
+    raw = (directio.pread if directio.is_direct(fd) else os.pread)(fd, VHD_FOOTER.size,
+                                                                   offset_bytes)
     return parse_footer(raw)
 
 
@@ -91,6 +93,9 @@ class VhdFile:
     def flush(self) -> None:
         if self.writable and self._fd >= 0:
             os.fsync(self._fd)
+
+    def fileno(self) -> int:
+        return self._fd
 
     def close(self) -> None:
         if self._fd >= 0:

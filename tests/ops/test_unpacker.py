@@ -14,7 +14,7 @@ from clusterfs.namespace import NamespaceError
 from clusterfs.protocol import messages as m
 from clusterfs.protocol.ops import FileOps
 from tests.ops.conftest import Rig
-from vhdshare import diskstate
+from vhdshare import directio, diskstate
 from vhdshare import initiator as cdbs
 from vhdshare.image import create_image
 from vhdshare.reservations import PrInAction, PrOutAction, PrType
@@ -102,6 +102,9 @@ async def test_data_written_through_one_node_is_read_through_the_other(nodes: li
     assert written.status == Status.GOOD
     read = await b.send(command(2, "host-b", cdbs.read16(4096, 8), data_in=8 * 512))
     assert (read.status, read.data_in) == (Status.GOOD, data)
+    for node in nodes:  # the block directory here (ext4) takes O_DIRECT: no page cache
+        (disk,) = node.unpacker._disks.values()
+        assert directio.is_direct(disk.target.image.fileno())  # type: ignore[attr-defined]
 
 
 async def test_a_retried_reservation_command_is_applied_once(rig: Rig, nodes: list[Node]
