@@ -6,7 +6,8 @@ through the tunnel to nodes, which execute them on one VHD in the common block d
 - persistent reservations hold through every node, survive the loss of the node that serves
   the reservation holder (its attachment goes on elsewhere), a reservation command resent
   through another node is not applied twice, and everything survives a whole-cluster
-  restart.
+  restart;
+- an attachment whose node leaves gracefully moves at once (told by a push).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import trio
 
 from clusterfs.credentials import Credentials
 from tests.cluster.conftest import Cluster, addresses_of, credentials_of
+from tests.util import run_cli
 from vhdshare import initiator as cdbs
 from vhdshare.host import RemoteDisk, ScsiError
 from vhdshare.image import create_image
@@ -194,3 +196,31 @@ async def test_reservations_through_every_node_failover_and_restart(
         assert (held.reservation.key, held.reservation.type) == (0xA2, WE_RO)
         assert (await b.read_keys()).keys == [0xA2]
         assert await write_status(b) == Status.RESERVATION_CONFLICT
+
+
+async def test_an_attachment_moves_when_its_node_leaves(
+        new_cluster: Callable[..., Cluster]) -> None:
+    cluster = new_cluster(3)
+    credentials = credentials_of(cluster)
+    create_image(cluster.mnt(0) / "moving.vhd", 16 * MIB, "dynamic")
+    names = node_names(cluster)
+    async with attached_on(cluster, credentials, "/moving.vhd", "host-a",
+                           avoid=names[0]) as a:
+        await a.register(KEY_A)
+        await a.reserve(KEY_A, WE_RO)
+        served_by = a.node
+        assert served_by is not None
+        for lba in range(8):
+            await a.write(lba, bytes([lba + 1]) * 512)
+        leaving = cluster.nodes[names.index(served_by)]
+        left = await trio.to_thread.run_sync(
+            lambda: run_cli("leave", str(leaving.mountpoint), timeout_s=60))
+        assert left.returncode == 0, left.stderr
+        assert leaving.wait_exit() == 0
+        for lba in range(8, 16):  # the host goes on writing: a pause, no error
+            await a.write(lba, bytes([lba + 1]) * 512)
+        assert a.node not in (None, served_by)
+        assert a.client.losses == {"pushed": 1}  # told by a push, not by a timeout
+        assert await a.read(0, 16) == b"".join(bytes([lba + 1]) * 512 for lba in range(16))
+        held = await a.read_reservation()
+        assert held.reservation is not None and held.reservation.key == KEY_A
