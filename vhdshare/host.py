@@ -33,7 +33,6 @@ from vhdshare.reservations import PrInAction, PrOutAction, PrType
 from vhdshare.scsi import SenseKey, Status
 from vhdshare.tunnel import (
     SECTOR_SIZE,
-    ConnectionClosed,
     Direction,
     HostConnection,
     TunnelProtocolError,
@@ -140,14 +139,9 @@ class RemoteDisk:
         except ClientError as exc:
             raise DiskError(str(exc)) from None
         try:
-            self._connection.receive_data(reply)
-            event = self._connection.next_event()
+            return self._connection.receive_packet(reply)
         except TunnelProtocolError as exc:
             raise DiskError(f"{self.path}: the node answered garbage: {exc}") from None
-        if isinstance(event, TunnelResponse):
-            return event
-        assert not isinstance(event, ConnectionClosed)
-        raise DiskError(f"{self.path}: the node's answer was cut short")
 
     async def checked(self, what: str, cdb: bytes, data_out: bytes = b"",
                       data_in_bytes: int = 0) -> bytes:

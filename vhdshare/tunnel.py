@@ -193,12 +193,12 @@ def pack_request(
 ) -> bytes:
     _check_request(request, max_transfer_bytes)
     initiator = request.initiator.encode("utf-8", "surrogatepass")
-    payload = initiator + request.cdb + request.data_out
+    payload_bytes = len(initiator) + len(request.cdb) + len(request.data_out)
     header = REQUEST_HEADER.pack(
         MAGIC, VERSION, Kind.REQUEST, request.direction, len(request.cdb), request.request_id,
-        len(initiator), 0, request.data_length_bytes, len(payload),
+        len(initiator), 0, request.data_length_bytes, payload_bytes,
     )
-    return header + payload
+    return b"".join((header, initiator, request.cdb, request.data_out))  # one copy of the data
 
 
 def pack_response(
@@ -210,7 +210,7 @@ def pack_response(
         response.request_id, 0, 0, len(response.data_in),
         len(response.sense) + len(response.data_in),
     )
-    return header + response.sense + response.data_in
+    return b"".join((header, response.sense, response.data_in))
 
 
 # --- unpacking one frame-----------------------------------------------------------------
@@ -255,52 +255,75 @@ def _response_payload_length(header: bytes, max_transfer_bytes: int) -> int:
     return int(payload_len)
 
 
-def _parse_request(header: bytes, payload: bytes, max_transfer_bytes: int) -> TunnelRequest:
+Payload = bytes | memoryview
+
+
+def _parse_request(header: bytes, payload: Payload, max_transfer_bytes: int) -> TunnelRequest:
     _, _, _, direction, cdb_len, request_id, initiator_len, _, data_len, _ = (
         REQUEST_HEADER.unpack(header)
     )
     try:
-        initiator = payload[:initiator_len].decode("utf-8")
+        initiator = bytes(payload[:initiator_len]).decode("utf-8")
     except UnicodeDecodeError:
         raise _fail("initiator id is not UTF-8") from None
-    cdb = payload[initiator_len : initiator_len + cdb_len]
-    data_out = payload[initiator_len + cdb_len :]
+    cdb = bytes(payload[initiator_len : initiator_len + cdb_len])
+    data_out = bytes(payload[initiator_len + cdb_len :])
     request = TunnelRequest(request_id, initiator, cdb, Direction(direction), data_len, data_out)
     _check_request(request, max_transfer_bytes)
     return request
 
 
-def _parse_response(header: bytes, payload: bytes, max_transfer_bytes: int) -> TunnelResponse:
+def _parse_response(header: bytes, payload: Payload, max_transfer_bytes: int
+                    ) -> TunnelResponse:
     _, _, _, status, sense_len, request_id, _, _, _, _ = RESPONSE_HEADER.unpack(header)
-    response = TunnelResponse(request_id, status, payload[:sense_len], payload[sense_len:])
+    response = TunnelResponse(request_id, status, bytes(payload[:sense_len]),
+                              bytes(payload[sense_len:]))
     _check_response(response, max_transfer_bytes)
     return response
+
+
+def _one_frame(data: bytes, kind: Kind, max_transfer_bytes: int) -> tuple[bytes, memoryview]:
+    """The header and payload of `data`, which must be exactly one packet of `kind`. The
+    framer's checks without its buffer: every copy of a large payload costs (page faults)."""
+    if not MAGIC.startswith(bytes(data[: len(MAGIC)])):
+        raise _fail(f"bad magic {bytes(data[: len(MAGIC)])!r}")
+    if len(data) < HEADER_BYTES:
+        raise _fail("stream ends inside a packet header")
+    header = bytes(data[:HEADER_BYTES])
+    if kind is Kind.REQUEST:
+        payload_bytes = _request_payload_length(header, max_transfer_bytes)
+    else:
+        payload_bytes = _response_payload_length(header, max_transfer_bytes)
+    if len(data) < HEADER_BYTES + payload_bytes:
+        raise _fail("stream ends inside a packet payload")
+    return header, memoryview(data)[HEADER_BYTES : HEADER_BYTES + payload_bytes]
+
+
+def _no_more(data: bytes, payload: memoryview, kind: Kind) -> None:
+    if len(data) > HEADER_BYTES + len(payload):
+        raise _fail(f"not exactly one {kind.name.lower()} packet: bytes after it")
 
 
 def unpack_request(
     data: bytes, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES
 ) -> TunnelRequest:
     """Exactly one request packet, nothing before or after it."""
-    connection = NodeConnection(max_transfer_bytes)
-    connection.receive_data(data)
-    connection.receive_data(b"")
-    event = connection.next_event()
-    if not isinstance(event, TunnelRequest) or connection.next_event() != ConnectionClosed():
-        raise _fail("not exactly one request packet")
-    return event
+    header, payload = _one_frame(data, Kind.REQUEST, max_transfer_bytes)
+    with payload:
+        request = _parse_request(header, payload, max_transfer_bytes)
+        _no_more(data, payload, Kind.REQUEST)
+    return request
 
 
 def unpack_response(
     data: bytes, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES
 ) -> TunnelResponse:
     """Exactly one response packet, nothing before or after it (no request context)."""
-    framer = _Framer(Kind.RESPONSE, max_transfer_bytes)
-    framer.receive_data(data)
-    framer.receive_data(b"")
-    frame = framer.next_frame()
-    if not isinstance(frame, tuple) or framer.next_frame() != ConnectionClosed():
-        raise _fail("not exactly one response packet")
-    return _parse_response(frame[0], frame[1], max_transfer_bytes)
+    header, payload = _one_frame(data, Kind.RESPONSE, max_transfer_bytes)
+    with payload:
+        response = _parse_response(header, payload, max_transfer_bytes)
+        _no_more(data, payload, Kind.RESPONSE)
+    return response
 
 
 # --- framing: the one state table--------------------------------------------------------
@@ -343,6 +366,10 @@ class _Framer:
         self._eof = False
         self._header = b""
         self._payload_bytes = 0
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self._buffer)
 
     def _move(self, event: FramerInput) -> None:
         self.state = _TRANSITIONS.get((self.state, event), FramerState.ERROR)
@@ -481,6 +508,16 @@ class HostConnection:
     def receive_data(self, data: bytes) -> None:
         self._framer.receive_data(bytes(data))
 
+    def receive_packet(self, packet: bytes) -> TunnelResponse:
+        """One whole response packet, as a message-based carrier (the file protocol's
+        TUNNEL call) delivers them: the stream's checks without the stream's buffer."""
+        if self._framer.state is not FramerState.AWAIT_HEADER or self._framer.has_data:
+            raise _fail("packets and stream data cannot be mixed")
+        try:
+            return self._accept(unpack_response(packet, self.max_transfer_bytes))
+        except TunnelProtocolError as error:
+            raise self._framer.fail(str(error)) from None
+
     def next_event(self) -> TunnelResponse | ConnectionClosed | _NeedData:
         frame = self._framer.next_frame()
         if not isinstance(frame, tuple):
@@ -489,6 +526,9 @@ class HostConnection:
             response = _parse_response(frame[0], frame[1], self.max_transfer_bytes)
         except TunnelProtocolError as error:
             raise self._framer.fail(str(error)) from None
+        return self._accept(response)
+
+    def _accept(self, response: TunnelResponse) -> TunnelResponse:
         allowance = self._data_in_allowance.pop(response.request_id, None)
         if allowance is None:
             raise self._framer.fail(f"response to unknown request {response.request_id}")

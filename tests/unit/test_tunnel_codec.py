@@ -405,3 +405,19 @@ def test_fuzz_mutated_packets(request_: TunnelRequest, flips: list[tuple[int, in
 def test_header_sizes() -> None:
     assert REQUEST_HEADER.size == RESPONSE_HEADER.size == 28
     assert struct.calcsize(REQUEST_HEADER.format) == 28
+
+
+def test_host_takes_whole_packets_with_the_streams_checks() -> None:
+    host = HostConnection()
+    host.send_request(TunnelRequest(5, "h", read10(0, 2), Direction.DATA_IN, 1024))
+    answer = TunnelResponse(5, Status.GOOD, b"", bytes(1024))
+    assert host.receive_packet(pack_response(answer)) == answer
+    assert host.outstanding == frozenset()
+    with pytest.raises(TunnelProtocolError, match="unknown request"):
+        host.receive_packet(pack_response(answer))  # answered already
+    with pytest.raises(TunnelProtocolError, match="broken"):
+        host.receive_data(b"")  # a protocol error breaks the connection for good
+    greedy = HostConnection()
+    greedy.send_request(TunnelRequest(6, "h", read10(0, 1), Direction.DATA_IN, 512))
+    with pytest.raises(TunnelProtocolError, match="asked 512"):
+        greedy.receive_packet(pack_response(TunnelResponse(6, Status.GOOD, b"", bytes(1024))))
