@@ -19,7 +19,8 @@ state do no disk I/O, so running one again is harmless. A reservation command is
 with its answer in the same record (`vhdshare.diskstate`): the same command retried through
 any node (after a failover) gets that answer and is not applied twice.
 
-Commands of one disk run one at a time on a node (sessions' calls are ordered already);
+Commands of one disk run one at a time on a node (sessions' calls are ordered already),
+in a worker thread unless they cannot block for long (`_runs_inline`);
 disks idle for `IDLE_CLOSE_S` are closed. Bad packets are EBADMSG for the TUNNEL call; a
 file that cannot be opened as a disk is EIO with the reason; SCSI errors are SCSI answers.
 """
@@ -40,7 +41,7 @@ from vhdshare import diskstate
 from vhdshare.blockimage import ImageError
 from vhdshare.diskstate import DiskState, DoneCommand
 from vhdshare.image import open_block_image
-from vhdshare.scsi import Opcode, ScsiResponse, Status
+from vhdshare.scsi import OpClass, Opcode, ScsiResponse, Status
 from vhdshare.target import Target
 from vhdshare.tunnel import (
     Direction,
@@ -48,12 +49,18 @@ from vhdshare.tunnel import (
     TunnelRequest,
     TunnelResponse,
     pack_response,
+    request_features,
     unpack_request,
 )
 
 log = logging.getLogger(__name__)
 
 IDLE_CLOSE_S = 60.0
+# Commands run in the node's loop rather than a worker thread when they cannot wait long:
+# no disk I/O, or a small read (one device read, ~0.1 ms; the FUSE handlers read inline
+# too). Writes may wait for another node's growth lock and flush: never inline.
+INLINE_READ_MAX_BYTES = 128 << 10
+_NO_IO = frozenset({OpClass.INQUIRY, OpClass.RESERVATION, OpClass.OTHER})
 MAX_STATE_ATTEMPTS = 20  # compare-and-set rounds before answering BUSY
 
 
@@ -144,9 +151,13 @@ class Unpacker:
                          disk.ino, request.request_id, request.initiator)
                 return ScsiResponse(Status(done.status), done.sense)
             disk.target.state = state.reservations
-            response = await trio.to_thread.run_sync(
-                disk.target.execute, request.initiator, request.cdb, request.data_out,
-                data_in_limit)
+            if _runs_inline(request):
+                response = disk.target.execute(request.initiator, request.cdb,
+                                               request.data_out, data_in_limit)
+            else:
+                response = await trio.to_thread.run_sync(
+                    disk.target.execute, request.initiator, request.cdb, request.data_out,
+                    data_in_limit)
             if disk.target.state == state.reservations:
                 return response
             new_state = DiskState(disk.target.state, state.done)
@@ -162,3 +173,10 @@ class Unpacker:
                 raise
             return response
         return ScsiResponse(Status.BUSY)
+
+
+def _runs_inline(request: TunnelRequest) -> bool:
+    features = request_features(request.cdb, request.data_length_bytes)
+    if features.op_class is OpClass.READ:
+        return request.data_length_bytes <= INLINE_READ_MAX_BYTES
+    return features.op_class in _NO_IO
