@@ -46,6 +46,7 @@ from clusterfs.protocol import messages as m
 from clusterfs.txn.transport import (
     CLIENT_IDENTITY_PREFIX,
     CLIENT_KEY_IDENTITY_PREFIX,
+    MAX_PAYLOAD_BYTES,
     ClientTransport,
     TransportError,
     endpoint,
@@ -310,9 +311,13 @@ class Client:
     async def _call_once(self, session: _Session, op: m.Op, path: str | None = None
                          ) -> m.Value:
         call_id = next(self._call_ids)
+        message = m.encode(m.Call(session.session_id, call_id, op))
+        if len(message) > MAX_PAYLOAD_BYTES:  # the transport would drop it: no answer ever
+            raise OSError(errno.EMSGSIZE, f"a call of {len(message)} bytes is more than the "
+                          f"{MAX_PAYLOAD_BYTES} a message may carry", path)
         send, receive = trio.open_memory_channel[m.Result | None](1)
         self._waiting[call_id] = send
-        self._transport.send(session.address, m.encode(m.Call(session.session_id, call_id, op)))
+        self._transport.send(session.address, message)
         # A flush, or a disk command that flushes, may take long; a dead node is pushed.
         timeout_s = max(self.call_timeout_s, FSYNC_TIMEOUT_S) \
             if isinstance(op, (m.Fsync, m.Tunnel)) else self.call_timeout_s

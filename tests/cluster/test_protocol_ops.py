@@ -7,6 +7,7 @@ import errno
 import os
 
 import pytest
+import trio
 
 from clusterfs.client import BlockingClient, Client
 from clusterfs.credentials import Credentials
@@ -102,6 +103,22 @@ async def test_bad_calls_get_errnos(shared_cluster: Cluster, credentials: Creden
         with pytest.raises(OSError) as caught:
             await client._call(lambda: op)
         assert caught.value.errno == code, caught.value
+
+
+async def test_a_call_too_large_for_a_message_is_refused_at_once(
+        shared_cluster: Cluster, credentials: Credentials, croot: str) -> None:
+    """More than a message may carry would be dropped by the transport, unanswered: the
+    client refuses it before sending (it used to wait and retry forever)."""
+    async with Client(addresses_of(shared_cluster), credentials, "ops-huge") as client:
+        handle = await client.open(f"/{croot}/huge", os.O_RDWR | os.O_CREAT)
+        with trio.fail_after(10), pytest.raises(OSError) as caught:
+            await client.write(handle, 0, bytes(65 << 20))
+        assert caught.value.errno == errno.EMSGSIZE
+        with pytest.raises(OSError) as caught:  # within a message, over the call's limit
+            await client.write(handle, 0, bytes(8 << 20))
+        assert caught.value.errno == errno.EMSGSIZE
+        assert await client.write(handle, 0, b"fine") == 4
+        await client.close(handle)
 
 
 async def test_errnos_of_the_namespace_are_those_of_a_local_file_system(
