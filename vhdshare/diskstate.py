@@ -45,10 +45,10 @@ class DiskState(msgspec.Struct, frozen=True):
 
     def with_done(self, command: DoneCommand) -> DiskState:
         """This state with `command` remembered, forgetting the oldest ones beyond the bounds."""
-        mine = [c for c in self.done if c.initiator == command.initiator]
-        stale = set(map(id, mine[:max(0, len(mine) + 1 - DONE_PER_INITIATOR)]))
-        kept = [c for c in self.done if id(c) not in stale] + [command]
-        return DiskState(self.reservations, tuple(kept[-MAX_DONE:]))
+        mine = [i for i, done in enumerate(self.done) if done.initiator == command.initiator]
+        oldest = set(mine[:max(0, len(mine) + 1 - DONE_PER_INITIATOR)])
+        kept = [done for i, done in enumerate(self.done) if i not in oldest]
+        return DiskState(self.reservations, (*kept, command)[-MAX_DONE:])
 
 
 def fingerprint(cdb: bytes, data_out: bytes) -> bytes:
