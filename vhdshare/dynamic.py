@@ -153,7 +153,7 @@ class DynamicImage(VhdFile):
         self.bitmap_size_bytes = layout.header.bitmap_size_bytes
         self.sectors_per_block = self.block_size_bytes // SECTOR_SIZE
         self._bat = layout.bat
-        self._footer_raw = self._read_exact(VHD_FOOTER.size, trailing_offset)
+        self._footer_raw = footer.pack()  # what was checked (the file may change meanwhile)
         self._end_offset = trailing_offset  # the trailing footer; new blocks go here
         self._bitmaps: dict[int, bytearray | None] = {}  # None: every sector in use
         self._free_slots: list[int] = []

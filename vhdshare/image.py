@@ -19,6 +19,7 @@ from vhdshare.blockimage import (
     SECTOR_SIZE,
     BlockImage,
     RawImage,
+    byte_lock,
     check_range,
     check_write_data,
     data_runs,
@@ -27,7 +28,7 @@ from vhdshare.blockimage import (
     sector_runs,
     zero_range,
 )
-from vhdshare.dynamic import DynamicImage
+from vhdshare.dynamic import GROWTH_LOCK_OFFSET, DynamicImage
 from vhdshare.vhd import (
     BAT_UNUSED,
     DEFAULT_BLOCK_SIZE_BYTES,
@@ -109,7 +110,11 @@ def open_image(path: str | os.PathLike[str], writable: bool = False,
     except OSError as exc:
         raise VhdError(f"cannot open {name}: {exc.strerror}") from None
     try:
-        return _open_fd(fd, name, writable, shared)
+        if not shared:
+            return _open_fd(fd, name, writable, shared)
+        # Another writer may be growing the disk: read its end and its BAT while none is.
+        with byte_lock(fd, GROWTH_LOCK_OFFSET):
+            return _open_fd(fd, name, writable, shared)
     except BaseException:
         os.close(fd)
         raise

@@ -1,7 +1,8 @@
 """A dynamic VHD written by several writers at once, each with its own open file (shared mode).
 
 Two opens in one process are two open file descriptions, which is what two nodes are; the
-process test runs writers in separate processes at the same time.
+process test runs writers in separate processes at the same time, with O_DIRECT as the
+node's unpacker opens disks.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def test_shared_unmap_zeroes_but_never_frees_a_block(tmp_path: Path) -> None:
 
 
 def _writer(path: str, first_block: int, blocks: int, seed: int) -> None:
-    with open_image(path, writable=True, shared=True) as image:
-        for index in range(blocks):
+    for index in range(blocks):
+        # Opened afresh for every block, as a node opens a disk when a host attaches: opens
+        # race with the other writer's growth too.
+        with open_image(path, writable=True, shared=True, direct=True) as image:
             block = first_block + 2 * index  # interleaved with the other writer's blocks
             for piece in range(4):
                 image.write(block * SPB + piece * (SPB // 4), sectors(SPB // 4, seed + index))
