@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv qemu-utils libnbd-bin
-              nbdkit fio iproute2)
+              nbdkit fio iproute2 qemu-block-extra libiscsi-bin tgt)
 VENV=.venv
 
 install_apt_packages() {

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from vhdshare.attach import AttachError
+from vhdshare.attach import add_parser as add_attach_parser
 from vhdshare.blockimage import SECTOR_SIZE, ImageError, RawImage
 from vhdshare.check import REPAIRABLE, REPAIRED, check_image
 from vhdshare.convert import TARGET_TYPES, convert
@@ -155,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--type", choices=TARGET_TYPES, required=True)
     conv.set_defaults(func=cmd_convert)
     add_pr_parser(commands)
+    add_attach_parser(commands)
     return parser
 
 
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ImageError, OSError, CliError) as exc:
+    except (ImageError, OSError, CliError, AttachError) as exc:
         print(f"vhdshare: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except PrError as exc:
@@ -179,3 +182,7 @@ def _one_line(exc: BaseException) -> str:
         where = f"{exc.filename}: " if exc.filename else ""
         return f"{where}{exc.strerror}"
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":  # `vhdshare attach` starts itself again this way, in the background
+    sys.exit(main())

@@ -28,6 +28,7 @@ from contextlib import asynccontextmanager
 from clusterfs.client import ROUTE_TIMEOUT_S, Client, ClientError
 from clusterfs.credentials import Credentials
 from vhdshare import initiator as cdbs
+from vhdshare.frontend import ScsiAnswer
 from vhdshare.initiator import Keys, ReservationInfo
 from vhdshare.reservations import PrInAction, PrOutAction, PrType
 from vhdshare.scsi import SenseKey, Status
@@ -61,7 +62,7 @@ class ScsiError(Exception):
         return sense_key(self.response)
 
 
-def sense_key(response: TunnelResponse) -> SenseKey | None:
+def sense_key(response: ScsiAnswer) -> SenseKey | None:
     if response.status != Status.CHECK_CONDITION or len(response.sense) < 3:
         return None
     try:
@@ -70,7 +71,7 @@ def sense_key(response: TunnelResponse) -> SenseKey | None:
         return None
 
 
-def describe(response: TunnelResponse) -> str:
+def describe(response: ScsiAnswer) -> str:
     """The answer in words: "RESERVATION CONFLICT", "CHECK CONDITION, UNIT ATTENTION 2Ah/03h"."""
     try:
         status = Status(response.status).name.replace("_", " ")

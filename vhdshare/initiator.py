@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from vhdshare.reservations import PrInAction, PrOutAction, PrType
 from vhdshare.scsi import Opcode
+from vhdshare.scsi_cdb import UNMAP_CDB
+from vhdshare.scsi_inquiry import LBA_STATUS_DESCRIPTOR, LBA_STATUS_HEADER, PROVISIONING_MAPPED
 from vhdshare.scsi_pr import (
     APTPL,
     PR_IN_HEADER,
@@ -17,6 +19,7 @@ from vhdshare.scsi_pr import (
     PR_OUT_PARAMETERS,
     PR_RESERVATION_DESCRIPTOR,
 )
+from vhdshare.target import UNMAP_DESCRIPTOR, UNMAP_HEADER
 
 CDB16 = struct.Struct(">BBQIBB")  # opcode, flags, LBA, transfer length, group, control
 assert CDB16.size == 16
@@ -30,6 +33,8 @@ FUA = 0x08
 PR_IN_ALLOCATION_BYTES = 8192
 READ_CAPACITY16_ALLOCATION_BYTES = 32
 SERVICE_ACTION_READ_CAPACITY16 = 0x10
+SERVICE_ACTION_GET_LBA_STATUS = 0x12
+WRITE_SAME_UNMAP = 0x08
 IGNORE_EXISTING_KEY_ACTION = PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY
 
 TYPE_NAMES = {
@@ -61,6 +66,24 @@ def synchronize_cache16() -> bytes:
 def read_capacity16() -> bytes:
     return CDB16.pack(Opcode.SERVICE_ACTION_IN_16, SERVICE_ACTION_READ_CAPACITY16, 0,
                       READ_CAPACITY16_ALLOCATION_BYTES, 0, 0)
+
+
+def get_lba_status(lba: int, allocation_bytes: int) -> bytes:
+    return CDB16.pack(Opcode.SERVICE_ACTION_IN_16, SERVICE_ACTION_GET_LBA_STATUS, lba,
+                      allocation_bytes, 0, 0)
+
+
+def write_same16(lba: int, block_count: int, unmap: bool = False) -> bytes:
+    """WRITE SAME (16) of one data-out block over `block_count` blocks (UNMAP: may deallocate)."""
+    return CDB16.pack(Opcode.WRITE_SAME_16, WRITE_SAME_UNMAP if unmap else 0, lba,
+                      block_count, 0, 0)
+
+
+def unmap(extents: list[tuple[int, int]]) -> tuple[bytes, bytes]:
+    """UNMAP of (LBA, block count) extents: the CDB and its parameter list."""
+    descriptors = b"".join(UNMAP_DESCRIPTOR.pack(lba, count, b"") for lba, count in extents)
+    parameters = UNMAP_HEADER.pack(len(descriptors) + 6, len(descriptors), b"") + descriptors
+    return UNMAP_CDB.pack(Opcode.UNMAP, 0, b"", 0, len(parameters), 0), parameters
 
 
 def pr_in(action: PrInAction) -> bytes:
@@ -131,6 +154,20 @@ def parse_read_capacity16(data: bytes) -> tuple[int, int]:
         raise AnswerError("READ CAPACITY (16) data is cut short")
     last_lba, block_bytes = READ_CAPACITY16_DATA.unpack_from(data)
     return last_lba + 1, block_bytes
+
+
+def parse_lba_status(data: bytes) -> list[tuple[int, int, bool]]:
+    """GET LBA STATUS data -> (first LBA, block count, mapped) runs."""
+    if len(data) < LBA_STATUS_HEADER.size:
+        raise AnswerError(f"GET LBA STATUS answer of {len(data)} bytes is too short")
+    length, _ = LBA_STATUS_HEADER.unpack_from(data)
+    end = min(len(data), length + 4)
+    runs = []
+    for offset in range(LBA_STATUS_HEADER.size, end - LBA_STATUS_DESCRIPTOR.size + 1,
+                        LBA_STATUS_DESCRIPTOR.size):
+        lba, count, provisioning, _ = LBA_STATUS_DESCRIPTOR.unpack_from(data, offset)
+        runs.append((lba, count, provisioning & 0x0F == PROVISIONING_MAPPED))
+    return runs
 
 
 def _pr_in_header(data: bytes) -> tuple[int, int]:

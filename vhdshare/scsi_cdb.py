@@ -54,6 +54,7 @@ assert PR_OUT_CDB.size == 10
 
 CONTROL_NACA = 0x04
 SA_READ_CAPACITY_16 = 0x10
+SA_GET_LBA_STATUS = 0x12
 PROTECT_MASK = 0xE0  # RDPROTECT / WRPROTECT (bits 7..5 of byte 1)
 FUA_BIT = 0x08
 
@@ -107,6 +108,16 @@ class ReadCapacity10:
 class ReadCapacity16:
     allocation_length: int
     access: ClassVar[Access] = Access.ALLOWED
+    op_class: ClassVar[OpClass] = OpClass.INQUIRY
+
+
+@dataclass(frozen=True, slots=True)
+class GetLbaStatus:
+    """SBC-3 GET LBA STATUS: which blocks from `lba` on are mapped (the allocation map)."""
+
+    lba: int
+    allocation_length: int
+    access: ClassVar[Access] = Access.READ  # it reveals the medium's contents
     op_class: ClassVar[OpClass] = OpClass.INQUIRY
 
 
@@ -186,6 +197,7 @@ Command = (
     | ModeSense
     | ReadCapacity10
     | ReadCapacity16
+    | GetLbaStatus
     | Read
     | Write
     | SynchronizeCache
@@ -251,6 +263,8 @@ def _decode_read_capacity10(cdb: bytes) -> Command:
 
 def _decode_service_action_in16(cdb: bytes) -> Command:
     _, service_action, lba, allocation_length, pmi, _ = _fields(SERVICE_ACTION_IN16_CDB, cdb)
+    if service_action & 0x1F == SA_GET_LBA_STATUS:
+        return GetLbaStatus(lba, allocation_length)
     if service_action & 0x1F != SA_READ_CAPACITY_16:
         raise invalid_field(1)
     if lba and not pmi & 0x01:

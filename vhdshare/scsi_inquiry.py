@@ -174,6 +174,23 @@ def read_capacity16(info: DiskInfo) -> bytes:
     return READ_CAPACITY16_DATA.pack(info.last_lba, info.block_size, 0, 0, provisioning, b"")
 
 
+LBA_STATUS_HEADER = struct.Struct(">I4s")  # parameter data length, -
+assert LBA_STATUS_HEADER.size == 8
+LBA_STATUS_DESCRIPTOR = struct.Struct(">QIB3s")  # LBA, block count, provisioning status, -
+assert LBA_STATUS_DESCRIPTOR.size == 16
+PROVISIONING_MAPPED = 0
+PROVISIONING_DEALLOCATED = 1
+
+
+def lba_status(runs: list[tuple[int, int, bool]]) -> bytes:
+    """GET LBA STATUS parameter data for (first LBA, block count, mapped) runs."""
+    descriptors = b"".join(
+        LBA_STATUS_DESCRIPTOR.pack(lba, count, PROVISIONING_MAPPED if mapped
+                                   else PROVISIONING_DEALLOCATED, b"")
+        for lba, count, mapped in runs)
+    return LBA_STATUS_HEADER.pack(len(descriptors) + 4, b"") + descriptors
+
+
 def report_luns() -> bytes:
     lun0 = bytes(8)
     return REPORT_LUNS_HEADER.pack(len(lun0), b"") + lun0

@@ -46,6 +46,7 @@ from vhdshare.scsi import (
 )
 from vhdshare.scsi_cdb import (
     Command,
+    GetLbaStatus,
     Inquiry,
     ModeSense,
     PersistentReserveIn,
@@ -63,7 +64,10 @@ from vhdshare.scsi_cdb import (
     decode_cdb,
 )
 from vhdshare.scsi_inquiry import (
+    LBA_STATUS_DESCRIPTOR,
+    LBA_STATUS_HEADER,
     DiskInfo,
+    lba_status,
     mode_sense,
     read_capacity10,
     read_capacity16,
@@ -87,6 +91,9 @@ DEFAULT_MAX_TRANSFER_BYTES = 8 << 20
 DEFAULT_MAX_UNMAP_BLOCKS = 1 << 22  # 2 GiB of 512-byte blocks per UNMAP / WRITE SAME
 DEFAULT_UNMAP_GRANULARITY_BLOCKS = 4096  # the 2 MiB block of a dynamic VHD
 MAX_UNMAP_DESCRIPTORS = 256
+# How far one GET LBA STATUS looks (8 GiB of 512-byte blocks): an answer may cover less
+# than the rest of the medium, and the initiator asks again from where it ends.
+LBA_STATUS_SPAN_BLOCKS = 1 << 24
 WRITE_CHUNK_BYTES = 1 << 20
 # Commands that neither report nor clear a pending unit attention (SAM-5 5.14).
 UNIT_ATTENTION_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE})
@@ -195,6 +202,8 @@ class Target:
             case ReadCapacity16():
                 data = read_capacity16(self.info)
                 return _good_truncated(data, command.allocation_length)
+            case GetLbaStatus():
+                return self._get_lba_status(command)
             case ReportLuns():
                 return _good_truncated(report_luns(), command.allocation_length)
             case Read():
@@ -232,6 +241,14 @@ class Target:
     def _check_range(self, lba: int, block_count: int) -> None:
         if lba + block_count > self.info.block_count or lba >= self.info.block_count > 0:
             raise illegal_request(LBA_OUT_OF_RANGE)
+
+    def _get_lba_status(self, command: GetLbaStatus) -> ScsiResponse:
+        if command.lba >= self.info.block_count:
+            raise illegal_request(LBA_OUT_OF_RANGE)
+        room = (command.allocation_length - LBA_STATUS_HEADER.size) // LBA_STATUS_DESCRIPTOR.size
+        span = min(self.info.block_count - command.lba, LBA_STATUS_SPAN_BLOCKS)
+        runs = _image_call(UNRECOVERED_READ_ERROR, self.image.allocated, command.lba, span)
+        return _good_truncated(lba_status(runs[:max(room, 1)]), command.allocation_length)
 
     def _check_transfer(self, block_count: int) -> None:
         if block_count > self.info.max_transfer_blocks:

@@ -423,3 +423,35 @@ def test_fuzz_target_never_raises(cdb: bytes, data: bytes, initiator: str) -> No
     if response.status == Status.CHECK_CONDITION:
         SenseData.unpack(response.sense)
     assert len(response.data_in) <= 4096
+
+
+def get_lba_status(lba: int, alloc: int = 1024) -> bytes:
+    return struct.pack(">BBQIBB", 0x9E, 0x12, lba, alloc, 0, 0)
+
+
+def lba_status_runs(data: bytes) -> list[tuple[int, int, int]]:
+    (length,) = struct.unpack_from(">I", data)
+    assert length == len(data) - 4 and (len(data) - 8) % 16 == 0
+    return [struct.unpack_from(">QIB", data, offset) for offset in range(8, len(data), 16)]
+
+
+def test_get_lba_status_maps_a_dynamic_vhd(tmp_path: Path) -> None:
+    """GET LBA STATUS: mapped (0) for allocated 2 MiB blocks, deallocated (1) for the rest,
+    from the asked LBA to the end, merged into runs; out of range is ILLEGAL REQUEST."""
+    spb = 2 * 1024 * 1024 // SECTOR
+    path = tmp_path / "d.vhd"
+    create_image(path, 4 * spb * SECTOR, "dynamic")
+    with open_image(path, writable=True) as image:
+        target = Target(image, "dyn")
+        assert target.execute("i1", write16(spb + 5, 1), b"\x01" * SECTOR).status == Status.GOOD
+        assert target.execute("i1", write16(3 * spb, 1), b"\x01" * SECTOR).status == Status.GOOD
+        answer = target.execute("i1", get_lba_status(0))
+        assert answer.status == Status.GOOD
+        assert lba_status_runs(answer.data_in) == [
+            (0, spb, 1), (spb, spb, 0), (2 * spb, spb, 1), (3 * spb, spb, 0)]
+        tail = target.execute("i1", get_lba_status(spb + 100)).data_in
+        assert lba_status_runs(tail)[0] == (spb + 100, spb - 100, 0)
+        two = target.execute("i1", get_lba_status(0, alloc=8 + 2 * 16)).data_in
+        assert lba_status_runs(two) == [(0, spb, 1), (spb, spb, 0)]
+        check(target.execute("i1", get_lba_status(4 * spb)), SenseKey.ILLEGAL_REQUEST,
+              LBA_OUT_OF_RANGE)
