@@ -34,6 +34,7 @@ from clusterfs.credentials import (
     revoke_client_key,
 )
 from clusterfs.membership.driver import stored_view
+from clusterfs.memory import keep_freed_memory
 from clusterfs.node import NodeConfig, NodeError, open_replica, run
 from clusterfs.status import StatusError
 from clusterfs.store import Store
@@ -112,6 +113,7 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
 
 def _run_node(args: argparse.Namespace, ready: Callable[[], None]) -> None:
     config = _node_config(args)
+    keep_freed_memory()  # disk commands move 1 MiB buffers (clusterfs.memory)
     (config.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
     try:
         run(config, ready)

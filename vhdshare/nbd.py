@@ -191,6 +191,7 @@ class NbdServerConnection:
         self.export: Export | None = None
         self.transmission_flags = 0
         self._pending: dict[int, _Pending] = {}
+        self._queued: list[bytes] = []  # output before `_out`: large replies, uncopied
 
     @property
     def outstanding(self) -> frozenset[int]:
@@ -200,9 +201,23 @@ class NbdServerConnection:
         self.state = _TRANSITIONS.get((self.state, event), State.ERROR)
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+        return b"".join(self.chunks_to_send())
+
+    def chunks_to_send(self) -> list[bytes]:
+        """`data_to_send` in pieces, in order, without copying read data into one buffer
+        (a driver may send them one by one: a 1 MiB copy costs more than a system call)."""
+        chunks = self._queued
+        self._queued = []
+        if self._out:
+            chunks.append(bytes(self._out))
+            self._out.clear()
+        return chunks
+
+    def _emit_large(self, head: bytes, data: bytes) -> None:
+        if self._out:
+            self._queued.append(bytes(self._out))
+            self._out.clear()
+        self._queued += (head, data)
 
     def receive_data(self, data: bytes) -> None:
         if self.state is State.ERROR:
@@ -253,7 +268,12 @@ class NbdServerConnection:
         return False
 
     def _take(self, size: int) -> bytes:
-        data = bytes(self._buffer[:size])
+        if size == len(self._buffer):
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            return data
+        with memoryview(self._buffer) as view:  # one copy: a write payload may be 32 MiB
+            data = bytes(view[:size])
         del self._buffer[:size]
         return data
 
@@ -295,7 +315,8 @@ class NbdServerConnection:
             raise _fail(f"write payload of {length} bytes")
         if not self._available(REQUEST_HEADER.size + payload_bytes, "a write payload"):
             return NEED_DATA
-        payload = self._take(REQUEST_HEADER.size + payload_bytes)[REQUEST_HEADER.size :]
+        del self._buffer[: REQUEST_HEADER.size]
+        payload = self._take(payload_bytes) if payload_bytes else b""
         if kind == Command.DISC:  # no reply, so its handle may be anything
             if offset or length or flags & ~int(CommandFlag.FUA):
                 raise _fail("NBD_CMD_DISC with offset, length or flags")
@@ -484,10 +505,13 @@ class NbdServerConnection:
         if len(data) != pending.length_bytes:
             raise _fail(f"read reply of {len(data)} bytes, {pending.length_bytes} requested")
         if self._structured:
-            self._out += self._chunk(handle, ReplyType.OFFSET_DATA,
-                                     OFFSET_DATA_PREFIX.pack(pending.offset_bytes) + data)
+            prefix = OFFSET_DATA_PREFIX.pack(pending.offset_bytes)
+            head = STRUCTURED_REPLY_HEADER.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                                                ReplyType.OFFSET_DATA, handle,
+                                                len(prefix) + len(data))
+            self._emit_large(head + prefix, data)
         else:
-            self._out += SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle) + data
+            self._emit_large(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), data)
         del self._pending[handle]
 
     def send_ok(self, handle: int) -> None:

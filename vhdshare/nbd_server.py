@@ -121,10 +121,11 @@ class NbdConnection:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            data = self.core.data_to_send()
-            if data:
+            chunks = self.core.chunks_to_send()
+            if chunks:
                 try:
-                    await self.stream.send_all(data)
+                    for chunk in chunks:
+                        await self.stream.send_all(chunk)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     nursery.cancel_scope.cancel()
                     return

@@ -19,9 +19,12 @@ state do no disk I/O, so running one again is harmless. A reservation command is
 with its answer in the same record (`vhdshare.diskstate`): the same command retried through
 any node (after a failover) gets that answer and is not applied twice.
 
-Commands of one disk run one at a time on a node (sessions' calls are ordered already),
-in a worker thread unless they cannot block for long (`_runs_inline`);
-disks idle for `IDLE_CLOSE_S` are closed. Bad packets are EBADMSG for the TUNNEL call; a
+Commands of one disk run side by side on a node (a VM keeps many in flight), each with a
+`Target` of its own on the shared image, in a worker thread unless they cannot block for
+long (`_runs_inline`). Commands that change the medium run one at a time per disk and node:
+the growth lock between nodes is a file lock, which does not keep apart the threads of one
+process, and a dynamic disk's bitmaps are read, changed and written back. Disks idle for
+`IDLE_CLOSE_S` are closed. Bad packets are EBADMSG for the TUNNEL call; a
 file that cannot be opened as a disk is EIO with the reason; SCSI errors are SCSI answers.
 """
 
@@ -38,9 +41,10 @@ import trio
 
 from clusterfs.namespace import NamespaceError
 from vhdshare import diskstate
-from vhdshare.blockimage import ImageError
+from vhdshare.blockimage import BlockImage, ImageError
 from vhdshare.diskstate import DiskState, DoneCommand
 from vhdshare.image import open_block_image
+from vhdshare.reservations import ReservationState
 from vhdshare.scsi import OpClass, Opcode, ScsiResponse, Status
 from vhdshare.target import Target
 from vhdshare.tunnel import (
@@ -78,8 +82,9 @@ class DiskStore(Protocol):
 @dataclass
 class SharedDisk:
     ino: int
-    target: Target
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    image: BlockImage
+    write_lock: trio.Lock = field(default_factory=trio.Lock)
+    commands_running: int = 0
     last_used_s: float = 0.0
     _raw: bytes | None = None
     _state: DiskState = field(default_factory=DiskState)
@@ -88,6 +93,9 @@ class SharedDisk:
         if raw != self._raw:
             self._state, self._raw = diskstate.decode(raw), raw
         return self._state
+
+    def target(self, reservations: ReservationState) -> Target:
+        return Target(self.image, f"clusterfs-{self.ino}", state=reservations)
 
 
 class Unpacker:
@@ -103,15 +111,23 @@ class Unpacker:
         except TunnelProtocolError as exc:
             raise OSError(errno.EBADMSG, f"bad tunnel packet: {exc}") from None
         disk = self._disk(ino)
-        async with disk.lock:
-            response = await self._execute(disk, request)
-        disk.last_used_s = time.monotonic()
+        disk.commands_running += 1
+        try:
+            if request_features(request.cdb, request.data_length_bytes).op_class \
+                    is OpClass.WRITE:
+                async with disk.write_lock:
+                    response = await self._execute(disk, request)
+            else:
+                response = await self._execute(disk, request)
+        finally:
+            disk.commands_running -= 1
+            disk.last_used_s = time.monotonic()
         return pack_response(TunnelResponse(request.request_id, response.status, response.sense,
                                             response.data_in))
 
     def close(self) -> None:
         for disk in self._disks.values():
-            disk.target.image.close()
+            disk.image.close()
         self._disks.clear()
 
     # -- disks ---------------------------------------------------------------------------
@@ -124,16 +140,16 @@ class Unpacker:
                 image = open_block_image(path, writable=True, shared=True, direct=True)
             except (ImageError, OSError) as exc:
                 raise OSError(errno.EIO, f"not usable as a disk: {exc}") from None
-            disk = SharedDisk(ino, Target(image, f"clusterfs-{ino}"))
+            disk = SharedDisk(ino, image)
             self._disks[ino] = disk
         disk.last_used_s = time.monotonic()  # not idle while a command waits for it
         return disk
 
     def _close_idle(self, now_s: float) -> None:
         for ino, disk in list(self._disks.items()):
-            if now_s - disk.last_used_s > IDLE_CLOSE_S and not disk.lock.locked():
+            if now_s - disk.last_used_s > IDLE_CLOSE_S and not disk.commands_running:
                 del self._disks[ino]
-                disk.target.image.close()
+                disk.image.close()
 
     # -- commands ------------------------------------------------------------------------
     async def _execute(self, disk: SharedDisk, request: TunnelRequest) -> ScsiResponse:
@@ -150,17 +166,17 @@ class Unpacker:
                 log.info("%s: reservation command %d of %s was applied before; answered again",
                          disk.ino, request.request_id, request.initiator)
                 return ScsiResponse(Status(done.status), done.sense)
-            disk.target.state = state.reservations
+            target = disk.target(state.reservations)
             if _runs_inline(request):
-                response = disk.target.execute(request.initiator, request.cdb,
-                                               request.data_out, data_in_limit)
+                response = target.execute(request.initiator, request.cdb, request.data_out,
+                                          data_in_limit)
             else:
                 response = await trio.to_thread.run_sync(
-                    disk.target.execute, request.initiator, request.cdb, request.data_out,
+                    target.execute, request.initiator, request.cdb, request.data_out,
                     data_in_limit)
-            if disk.target.state == state.reservations:
+            if target.state == state.reservations:
                 return response
-            new_state = DiskState(disk.target.state, state.done)
+            new_state = DiskState(target.state, state.done)
             if reserving:
                 new_state = new_state.with_done(DoneCommand(
                     request.initiator, request.request_id, mark, response.status,

@@ -5,6 +5,9 @@ Every session request reaches every node (the client sends it to all); this node
 session: the client's calls go to it alone. Calls of one session run one at a time, in
 the order they arrived: one that never waits (a read, a stat) is answered at once when
 nothing of the session is queued; the others queue, and one task per session runs them.
+TUNNEL calls are the exception: each is a disk command, and a VM's disk driver keeps many
+in flight and expects no order among them (SCSI's simple task attribute), so up to
+`MAX_CONCURRENT_TUNNELS` of a session run side by side when nothing is queued before them.
 A session that hears nothing from its client for `SESSION_IDLE_S` is closed (its handles
 too); clients ping while idle.
 
@@ -38,6 +41,7 @@ from lb.view import View
 log = logging.getLogger(__name__)
 
 SESSION_IDLE_S = 60.0  # clients ping every `client.PING_INTERVAL_S` while idle
+MAX_CONCURRENT_TUNNELS = 32  # per session; more wait in the session's queue
 WATCH_S = 60.0  # a client that said Hello this recently is told of membership changes
 MAX_WATCHERS = 65_536
 HOUSEKEEPING_INTERVAL_S = 5.0
@@ -55,6 +59,7 @@ class Session:
     # (tasks started together run in no set order: one per call could reorder them).
     queue: collections.deque[m.Call] = field(default_factory=collections.deque)
     draining: bool = False
+    tunnels_running: int = 0
 
 
 class ProtocolServer:
@@ -180,28 +185,41 @@ class ProtocolServer:
                 result = _failed(call, exc)
             self._result(client, result)
             return
+        assert self._nursery is not None
+        if isinstance(call.op, m.Tunnel) and not session.draining \
+                and session.tunnels_running < MAX_CONCURRENT_TUNNELS:
+            session.tunnels_running += 1
+            self._nursery.start_soon(self._run_tunnel, session, call)
+            return
         session.queue.append(call)
         if not session.draining:
             session.draining = True
-            assert self._nursery is not None
             self._nursery.start_soon(self._drain, session)
+
+    async def _run_tunnel(self, session: Session, call: m.Call) -> None:
+        try:
+            await self._run_call(session, call)
+        finally:
+            session.tunnels_running -= 1
 
     async def _drain(self, session: Session) -> None:
         """Run the session's queued calls in the order they arrived."""
         try:
             while session.queue:
-                call = session.queue.popleft()
-                if self.sessions.get(session.session_id) is not session:
-                    result = m.Result(call.call_id, errno.ENOTCONN, "the session was closed")
-                else:
-                    try:
-                        value = await self.ops.run(call.op, session.handles)
-                        result = m.Result(call.call_id, value=value)
-                    except Exception as exc:
-                        result = _failed(call, exc)
-                self._result(session.client, result)
+                await self._run_call(session, session.queue.popleft())
         finally:
             session.draining = False
+
+    async def _run_call(self, session: Session, call: m.Call) -> None:
+        if self.sessions.get(session.session_id) is not session:
+            result = m.Result(call.call_id, errno.ENOTCONN, "the session was closed")
+        else:
+            try:
+                result = m.Result(call.call_id, value=await self.ops.run(call.op,
+                                                                         session.handles))
+            except Exception as exc:
+                result = _failed(call, exc)
+        self._result(session.client, result)
 
     def _result(self, client: str, result: m.Result) -> None:
         self._send_client(client, m.encode(result))
@@ -237,7 +255,8 @@ class ProtocolServer:
 
     def _expire(self, now_s: float) -> None:
         for session in [s for s in self.sessions.values()
-                        if now_s - s.last_heard_s > SESSION_IDLE_S and not s.draining]:
+                        if now_s - s.last_heard_s > SESSION_IDLE_S and not s.draining
+                        and not s.tunnels_running]:
             log.info("closing idle session %s", session.session_id)
             self._close(session, now_s)
         for client in [c for c, heard_s in self._watchers.items() if now_s - heard_s > WATCH_S]:

@@ -65,6 +65,8 @@ CHANNEL_PROTOCOL = b"p"  # client to node and back: the file protocol
 SEND_HWM_MESSAGES = 10_000
 RESOLVE_TTL_S = 1.0  # a restarted peer may listen elsewhere; its registry entry says where
 MAX_PAYLOAD_BYTES = 64 << 20
+# Larger messages are handed to libzmq without a copy (pyzmq advises it above ~64 KiB).
+ZERO_COPY_MIN_BYTES = 64 << 10
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks (RFC 27/ZAP)
 ZAP_VERSION = b"1.0"
 REFUSAL_LOG_INTERVAL_S = 10.0
@@ -179,7 +181,8 @@ class Transport:
             log.debug("no address known for %s; message dropped", to)
             return
         try:
-            dealer.send_multipart([channel, self._name_frame, payload], zmq.NOBLOCK)
+            dealer.send_multipart([channel, self._name_frame, payload], zmq.NOBLOCK,
+                                  copy=len(payload) < ZERO_COPY_MIN_BYTES)
         except zmq.Again:
             log.debug("send queue to %s is full; message dropped", to)
 
@@ -190,7 +193,8 @@ class Transport:
         if router is None:
             return
         try:
-            router.send_multipart([identity.encode(), channel, payload], zmq.NOBLOCK)
+            router.send_multipart([identity.encode(), channel, payload], zmq.NOBLOCK,
+                                  copy=len(payload) < ZERO_COPY_MIN_BYTES)
         except zmq.ZMQError as exc:
             log.debug("reply to %s dropped: %s", identity, exc)
         _wake(self._router_wait, "")  # the send may have taken the receive task's edge
@@ -531,7 +535,8 @@ class ClientTransport:
         if dealer is None:
             return
         try:
-            dealer.send_multipart([CHANNEL_PROTOCOL, payload], zmq.NOBLOCK)
+            dealer.send_multipart([CHANNEL_PROTOCOL, payload], zmq.NOBLOCK,
+                                  copy=len(payload) < ZERO_COPY_MIN_BYTES)
         except zmq.ZMQError as exc:
             log.debug("send to %s dropped: %s", address, exc)
         _wake(self._waits, address)

@@ -1,7 +1,7 @@
 """`FileOps`, the protocol's operations, against a temporary replica and block directory
 with the local committer: the TUNNEL call hands the session's open file and the payload to
 the node's tunnel service and returns its reply; sessions cannot use each other's handles;
-and the `ProtocolServer` answers a session's calls in order."""
+and the `ProtocolServer` answers a session's calls in order, its TUNNEL calls side by side."""
 
 from __future__ import annotations
 
@@ -104,6 +104,43 @@ async def test_a_read_after_a_write_of_the_same_session_sees_the_write(fs: FileS
         assert _value(sent, 3) == m.Data(b"written first")
         call(4, m.Read(handle.handle, 0, 7))  # nothing pending: answered at once
         assert _value(sent, 4) == m.Data(b"written")
+        nursery.cancel_scope.cancel()
+    server.close_all()
+
+
+async def test_tunnel_calls_of_a_session_run_side_by_side(fs: FileSystem) -> None:
+    """Disk commands of one session do not wait for each other: the second is answered
+    while the first still runs (a VM keeps many in flight, in no set order)."""
+    release_first = trio.Event()
+
+    async def service(ino: int, fd: int, payload: bytes) -> bytes:
+        if payload == b"first":
+            await release_first.wait()
+        return payload
+
+    sent: list[m.NodeMessage] = []
+    server = ProtocolServer("n1", FileOps(fs, service), lambda _client, payload: sent.append(
+        m.decode_node(payload)), lambda _to, _payload: None, incarnation=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        server.on_view(1, [m.Member("n1", "127.0.0.1:1")])
+        server.on_client("cli-a", m.encode(SessionRequest("r1", "host-a", "")))
+        accept = next(message for message in sent if isinstance(message, SessionAccept))
+
+        def call(call_id: int, op: m.Op) -> None:
+            server.on_client("cli-a", m.encode(m.Call(accept.session_id, call_id, op)))
+
+        call(1, m.Open("/disk", os.O_RDWR | os.O_CREAT))
+        await _answered(sent, 1)
+        handle = _value(sent, 1)
+        assert isinstance(handle, m.Handle)
+        call(2, m.Tunnel(handle.handle, b"first"))
+        call(3, m.Tunnel(handle.handle, b"second"))
+        await _answered(sent, 3)
+        assert not any(isinstance(r, m.Result) and r.call_id == 2 for r in sent)
+        release_first.set()
+        await _answered(sent, 2)
+        assert (_value(sent, 2), _value(sent, 3)) == (m.Data(b"first"), m.Data(b"second"))
         nursery.cancel_scope.cancel()
     server.close_all()
 

@@ -104,7 +104,7 @@ async def test_data_written_through_one_node_is_read_through_the_other(nodes: li
     assert (read.status, read.data_in) == (Status.GOOD, data)
     for node in nodes:  # the block directory here (ext4) takes O_DIRECT: no page cache
         (disk,) = node.unpacker._disks.values()
-        assert directio.is_direct(disk.target.image.fileno())  # type: ignore[attr-defined]
+        assert directio.is_direct(disk.image.fileno())  # type: ignore[attr-defined]
 
 
 async def test_a_retried_reservation_command_is_applied_once(rig: Rig, nodes: list[Node]
