@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from clusterfs.namespace import NamespaceError
 from clusterfs.protocol import messages as m
@@ -16,6 +17,7 @@ from clusterfs.protocol.ops import FileOps
 from tests.ops.conftest import Rig
 from vhdshare import directio, diskstate
 from vhdshare import initiator as cdbs
+from vhdshare.check import check_image
 from vhdshare.image import create_image
 from vhdshare.reservations import PrInAction, PrOutAction, PrType
 from vhdshare.scsi import SenseKey, Status
@@ -197,3 +199,31 @@ async def test_the_disk_state_is_refused_on_a_directory(rig: Rig) -> None:
     with pytest.raises(NamespaceError) as caught:
         await rig.fs.set_disk_state(1, b"", b"x")
     assert caught.value.errno == errno.EINVAL
+
+
+async def test_commands_sent_together_grow_the_disk_once_per_block(nodes: list[Node]) -> None:
+    """Eight writes into eight unallocated 2 MiB blocks at once, and reads among them, on
+    one node: the writes take turns (two allocating the same file end at once would give
+    two blocks one place), the reads need not, and everything reads back."""
+    a, _ = nodes
+    sectors_per_block = 2 * MIB // 512
+    answers: dict[int, TunnelResponse] = {}
+
+    async def send(n: int, request: TunnelRequest) -> None:
+        answers[n] = await a.send(request)
+
+    async with trio.open_nursery() as nursery:
+        for block in range(8):
+            data = bytes([block + 1]) * 65536
+            nursery.start_soon(send, block, command(100 + block, "h", cdbs.write16(
+                block * sectors_per_block + 8, 128), data))
+            nursery.start_soon(send, 10 + block, command(200 + block, "h", cdbs.read16(
+                block * sectors_per_block, 8), data_in=4096))
+    assert all(answer.status == Status.GOOD for answer in answers.values()), answers
+    for block in range(8):
+        back = await a.send(command(300 + block, "h", cdbs.read16(
+            block * sectors_per_block + 8, 128), data_in=65536))
+        assert back.data_in == bytes([block + 1]) * 65536, block
+    attrs = await a.ops.run(m.Stat("/disk.vhd"), a.handles)
+    assert isinstance(attrs, m.Attrs)
+    assert check_image(a.unpacker.store.backing_path(attrs.ino)) == []
