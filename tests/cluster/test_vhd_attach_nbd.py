@@ -3,13 +3,24 @@ against a shared disk of a real 3-node cluster, through the tunnel."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.cluster.attach_util import attach_args, attached, new_disk, wait_gone
+from tests.cluster.attach_util import (
+    attach_args,
+    attached,
+    initiator_served_by,
+    new_disk,
+    wait_gone,
+)
 from tests.cluster.conftest import Cluster
 from tests.cluster.test_vhd_pr_cli import pr, vhdshare
 
@@ -138,3 +149,62 @@ def test_unreachable_cluster_and_wrong_disk_are_one_line(shared_cluster: Cluster
     assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1, wrong
     assert "not usable as a disk" in wrong.stderr, wrong.stderr
     assert not socket.exists()
+
+
+def test_writes_go_on_when_the_serving_node_is_killed(new_cluster: Callable[..., Cluster],
+                                                      tmp_path: Path) -> None:
+    """kill -9 of the node that serves the attachment while qemu-io writes: the attachment
+    re-routes (previous issue) and every write lands; qemu's VHD driver reads them back
+    through a survivor's mount."""
+    cluster = new_cluster(3)
+    (cluster.mnt(0) / "vms").mkdir()
+    disk = new_disk(cluster, "vms", "failover.vhd", "32M")
+    victim = 1
+    initiator = initiator_served_by(cluster, cluster.nodes[victim].name, disk, "vmhost-")
+    socket = tmp_path / "nbd.sock"
+    args = [*attach_args(cluster, disk), "--initiator", initiator, "--nbd", f"unix:{socket}"]
+    writes = [f"write -P {n % 200 + 1} {n * 256}k 256k" for n in range(96)]
+    with attached(args, tmp_path, socket) as attachment:
+        commands = [word for write in writes for word in ("-c", write)]
+        writer = subprocess.Popen(["qemu-io", "-f", "raw", *commands, nbd_uri(socket)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            time.sleep(0.5)
+            cluster.kill9(victim)
+            output, _ = writer.communicate(timeout=120)
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait()
+        assert writer.returncode == 0 and "error" not in output.lower(), output
+        rerouted = f"node {cluster.nodes[victim].name} is gone: routing the session again"
+        assert rerouted in attachment.log(), attachment.log()
+        qemu_io(nbd_uri(socket), *(w.replace("write", "read") for w in writes))
+    survivor = cluster.mnt(2) / "vms" / "failover.vhd"
+    copy = tmp_path / "copy.raw"
+    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", str(survivor), str(copy))
+    data = copy.read_bytes()
+    for n in range(96):
+        assert data[n * 256 * 1024 : (n + 1) * 256 * 1024] == bytes([n % 200 + 1]) * 262144, n
+
+
+def test_without_f_it_runs_in_the_background(shared_cluster: Cluster, croot: str,
+                                             tmp_path: Path) -> None:
+    disk = new_disk(shared_cluster, croot, "bg.vhd", "8M")
+    socket = tmp_path / "nbd.sock"
+    started = vhdshare(*attach_args(shared_cluster, disk), "--initiator", "bg",
+                       "--nbd", f"unix:{socket}")
+    assert started.returncode == 0, started
+    match = re.fullmatch(r"vhdshare: attach running as pid (\d+)\n", started.stdout)
+    assert match, started.stdout
+    pid = int(match.group(1))
+    try:
+        assert socket.exists()
+        qemu_io(nbd_uri(socket), "write -P 9 0 64k", "read -P 9 0 64k")
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    assert wait_gone(socket, 20.0), "the background attach did not stop on SIGTERM"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
