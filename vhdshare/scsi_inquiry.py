@@ -33,6 +33,9 @@ DESIGNATOR_HEADER = struct.Struct(">BBBB")  # protocol|code set, PIV|assoc|type,
 assert DESIGNATOR_HEADER.size == 4
 BLOCK_LIMITS = struct.Struct(">BBHIIIIIIIQ20s")  # VPD 0xB0 after its header
 assert BLOCK_LIMITS.size == 60
+BLOCK_DEVICE_CHARACTERISTICS = struct.Struct(">HBBB55s")  # VPD 0xB1: rotation rate, ...
+assert BLOCK_DEVICE_CHARACTERISTICS.size == 60
+NON_ROTATING_MEDIUM = 0x0001
 LOGICAL_BLOCK_PROVISIONING = struct.Struct(">BBBB")  # VPD 0xB2 after its header
 assert LOGICAL_BLOCK_PROVISIONING.size == 4
 READ_CAPACITY10_DATA = struct.Struct(">II")  # last LBA, block length
@@ -150,6 +153,11 @@ def _block_limits(info: DiskInfo) -> bytes:
     )
 
 
+def _block_device_characteristics(info: DiskInfo) -> bytes:
+    # Solid state as far as a VM can tell: no seek penalty worth scheduling for.
+    return BLOCK_DEVICE_CHARACTERISTICS.pack(NON_ROTATING_MEDIUM, 0, 0, 0, b"")
+
+
 def _logical_block_provisioning(info: DiskInfo) -> bytes:
     if not info.thin_provisioning:
         return LOGICAL_BLOCK_PROVISIONING.pack(0, 0, 0, 0)
@@ -161,6 +169,7 @@ _VPD_PAGES = {
     0x80: _unit_serial_number,
     0x83: _device_identification,
     0xB0: _block_limits,
+    0xB1: _block_device_characteristics,
     0xB2: _logical_block_provisioning,
 }
 

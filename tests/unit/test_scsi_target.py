@@ -207,12 +207,14 @@ def test_inquiry_page_without_evpd_is_invalid(target: Target) -> None:
 
 def test_vpd_pages(target: Target) -> None:
     supported = target.execute("i1", inquiry(True, 0x00)).data_in
-    assert supported[1] == 0 and list(supported[4:]) == [0x00, 0x80, 0x83, 0xB0, 0xB2]
+    assert supported[1] == 0 and list(supported[4:]) == [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2]
     for page in supported[4:]:
         data = target.execute("i1", inquiry(True, page)).data_in
         assert data[1] == page and len(data) == 4 + struct.unpack(">H", data[2:4])[0]
     check(target.execute("i1", inquiry(True, 0x99)), SenseKey.ILLEGAL_REQUEST,
           INVALID_FIELD_IN_CDB)
+    characteristics = target.execute("i1", inquiry(True, 0xB1)).data_in
+    assert len(characteristics) == 64 and characteristics[4:6] == b"\x00\x01"  # no rotation
 
 
 def _designators(page: bytes) -> list[tuple[int, bytes]]:
