@@ -189,7 +189,15 @@ async def _start_nbd(nursery: trio.Nursery, listeners: Sequence[trio.abc.Listene
 
 async def _start_iscsi(nursery: trio.Nursery, listeners: Sequence[trio.abc.Listener[Any]],
                        backends: dict[str, Any], args: argparse.Namespace) -> None:
-    raise AttachError("iSCSI is not built yet")
+    from vhdshare.iscsi_server import serve_iscsi
+
+    targets = {args.target_name or target_name_for(path): backend
+               for path, backend in backends.items()}
+    if len(targets) != len(backends):
+        raise AttachError("two disks would have one iSCSI target name")
+    await nursery.start(serve_iscsi, listeners, targets)
+    for name, backend in targets.items():
+        print(f"{backend.path}: iSCSI target {name}, LUN 0", flush=True)
 
 
 @contextlib.asynccontextmanager
