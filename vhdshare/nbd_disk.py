@@ -28,7 +28,7 @@ UNIT_ATTENTION_RETRIES = 4
 # Per command; the target's own limits (Block Limits VPD) are larger.
 MAX_TRANSFER_BYTES = 4 << 20
 MAX_ZEROING_BLOCKS = 1 << 22
-MAX_UNMAP_BLOCKS = 1 << 22
+MAX_UNMAP_BLOCKS = 1 << 20
 LBA_STATUS_ALLOCATION_BYTES = 8 + 16 * 512
 _ERRORS = {SenseKey.ILLEGAL_REQUEST: NbdError.EINVAL, SenseKey.DATA_PROTECT: NbdError.EPERM,
            SenseKey.NOT_READY: NbdError.ESHUTDOWN}

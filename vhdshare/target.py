@@ -87,8 +87,9 @@ assert UNMAP_HEADER.size == 8
 UNMAP_DESCRIPTOR = struct.Struct(">QI4s")  # LBA, number of logical blocks, -
 assert UNMAP_DESCRIPTOR.size == 16
 
-DEFAULT_MAX_TRANSFER_BYTES = 8 << 20
-DEFAULT_MAX_UNMAP_BLOCKS = 1 << 22  # 2 GiB of 512-byte blocks per UNMAP / WRITE SAME
+DEFAULT_MAX_TRANSFER_BYTES = 32 << 20  # what qemu and libnbd send at most; libiscsi's tests too
+DEFAULT_MAX_UNMAP_BLOCKS = 1 << 20  # 512 MiB of 512-byte blocks per UNMAP (libiscsi: <= 1 Mi)
+DEFAULT_MAX_WRITE_SAME_BLOCKS = 1 << 22  # 2 GiB per WRITE SAME
 DEFAULT_UNMAP_GRANULARITY_BLOCKS = 4096  # the 2 MiB block of a dynamic VHD
 MAX_UNMAP_DESCRIPTORS = 256
 # How far one GET LBA STATUS looks (8 GiB of 512-byte blocks): an answer may cover less
@@ -129,7 +130,7 @@ class Target:
             thin_provisioning=thin_provisioning,
             max_transfer_blocks=max_transfer_bytes // block_size,
             max_unmap_blocks=DEFAULT_MAX_UNMAP_BLOCKS,
-            max_write_same_blocks=DEFAULT_MAX_UNMAP_BLOCKS,
+            max_write_same_blocks=DEFAULT_MAX_WRITE_SAME_BLOCKS,
             unmap_granularity_blocks=DEFAULT_UNMAP_GRANULARITY_BLOCKS,
         )
 
@@ -303,7 +304,8 @@ class Target:
         for index in range(count):
             offset = UNMAP_HEADER.size + index * UNMAP_DESCRIPTOR.size
             lba, block_count, _ = UNMAP_DESCRIPTOR.unpack_from(data_out, offset)
-            self._check_range(lba, block_count)
+            if block_count:  # an empty descriptor names no block, wherever it points
+                self._check_range(lba, block_count)
             extents.append((lba, block_count))
         if sum(n for _, n in extents) > self.info.max_unmap_blocks:
             raise invalid_parameter(UNMAP_HEADER.size + 8)

@@ -37,7 +37,7 @@ from vhdshare.scsi_cdb import (
 MAGIC = b"VHDT"
 VERSION = 1
 SECTOR_SIZE = 512
-DEFAULT_MAX_TRANSFER_BYTES = 8 << 20
+DEFAULT_MAX_TRANSFER_BYTES = 32 << 20  # the target's maximum transfer length
 MAX_INITIATOR_BYTES = 223  # the longest iSCSI name
 MIN_CDB_BYTES, MAX_CDB_BYTES = 6, 16
 MAX_SENSE_BYTES = 252
