@@ -43,16 +43,20 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_qemu_io_and_qemu_img_over_iscsi(shared_cluster: Cluster, croot: str,
+def test_qemu_io_and_qemu_img_over_iscsi_with_two_disks(shared_cluster: Cluster, croot: str,
                                          tmp_path: Path) -> None:
     disk = new_disk(shared_cluster, croot, "iscsi.vhd", "32M")
+    other = new_disk(shared_cluster, croot, "other.vhd", "8M", "fixed")
     port = free_port()
-    with attached([*attach_args(shared_cluster, disk), "--iscsi", f"127.0.0.1:{port}"],
+    with attached([*attach_args(shared_cluster, disk, other), "--iscsi", f"127.0.0.1:{port}"],
                   tmp_path) as attachment:
-        name = target_name_for(disk)
+        name, other_name = target_name_for(disk), target_name_for(other)
         assert f"{disk}: iSCSI target {name}, LUN 0" in attachment.log()  # printed
         listing = run("iscsi-ls", f"iscsi://127.0.0.1:{port}").stdout
-        assert f"Target:{name}" in listing, listing
+        assert f"Target:{name}" in listing and f"Target:{other_name}" in listing, listing
+        other_url = f"iscsi://127.0.0.1:{port}/{other_name}/0"
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x42 0 64k", other_url)
+        run("qemu-io", "-f", "raw", "-c", "read -P 0x42 0 64k", other_url)
         url = f"iscsi://127.0.0.1:{port}/{name}/0"
         run("qemu-io", "-f", "raw", "-c", "write -P 0xa5 0 1M", "-c", "write -P 0x5a 20M 3M",
             "-c", "write -P 0x11 31M 1M", url)
