@@ -30,7 +30,8 @@ protocol raise `IscsiProtocolError` and leave the connection broken; data-out th
 only its command's data flow (DataSN, buffer offset, amount) ends that command in CHECK
 CONDITION (RFC 7143 11.4.7.2) instead.  A caller that misuses the answer methods gets
 `IscsiProtocolError` without breaking the connection.  No other exception escapes for any
-input bytes.  The wire format is in `vhdshare.iscsi_wire`.
+input bytes.  The wire format is in `vhdshare.iscsi_wire`, the rules a command's data-out
+must follow in `vhdshare.iscsi_dataout`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vhdshare import iscsi_wire as wire
+from vhdshare.iscsi_dataout import DataOutError, R2t, Task
 from vhdshare.iscsi_wire import (
     FINAL,
     IMMEDIATE,
@@ -74,25 +76,12 @@ OUR_MAX_RECV_DATA_SEGMENT_BYTES = 262144
 DEFAULT_CMD_WINDOW = 32
 DEFAULT_MAX_DATA_OUT_BYTES = 32 << 20  # longer writes are refused before their data comes
 INITIAL_STAT_SN = 1
-UNEXPECTED_UNSOLICITED_DATA: Asc = (0x0C, 0x0C)  # ILLEGAL REQUEST
-INCORRECT_AMOUNT_OF_DATA: Asc = (0x0C, 0x0D)  # ABORTED COMMAND
-DATA_PHASE_ERROR: Asc = (0x4B, 0x00)  # ABORTED COMMAND
-DATA_OFFSET_ERROR: Asc = (0x4B, 0x05)  # ABORTED COMMAND
 _U32 = struct.Struct(">I")
 _tsih_counter = itertools.count()
 
 
 def _fail(message: str) -> IscsiProtocolError:
     return IscsiProtocolError(message)
-
-
-class _DataOutError(Exception):
-    """Data-out that breaks its command's data flow: the command ends in CHECK CONDITION
-    (RFC 7143 11.4.7.2), the connection goes on."""
-
-    def __init__(self, key: SenseKey, code: Asc) -> None:
-        super().__init__(f"{key.name} {code[0]:02X}h/{code[1]:02X}h")
-        self.key, self.code = key, code
 
 
 # --- the one state table --------------------------------------------------------------------
@@ -136,40 +125,6 @@ _QUIET = frozenset({State.LOGGING_OUT, State.LOGGED_OUT, State.LOGIN_FAILED})
 
 
 @dataclass(slots=True)
-class _R2t:
-    ttt: int
-    offset_bytes: int
-    length_bytes: int
-    data_sn: int = 0
-
-
-@dataclass(slots=True, eq=False)
-class _Task:
-    """One SCSI command from its PDU to its answer."""
-
-    itt: int
-    lun: int
-    cdb: bytes
-    immediate: bool
-    attribute: int
-    read_bytes: int
-    write_bytes: int
-    buffer: bytearray | None = None  # data-out being assembled
-    data: bytes = b""  # data-out that came whole as immediate data
-    received_bytes: int = 0
-    unsolicited_open: bool = False
-    unsolicited_sn: int = 0
-    r2t: _R2t | None = None
-    r2t_count: int = 0
-    emitted: bool = False  # handed to the driver, which owes the answer
-
-    def take_data(self) -> bytes:
-        data = bytes(self.buffer) if self.buffer is not None else self.data
-        self.buffer, self.data = None, b""
-        return data
-
-
-@dataclass(slots=True)
 class _Login:
     stage: int | None = None  # the stage the next Login Request must be in
     isid: bytes = b""
@@ -204,7 +159,7 @@ class IscsiTargetConnection:
         self._out: list[bytes | memoryview] = []
         self._stat_sn = INITIAL_STAT_SN
         self._exp_cmd_sn = self._max_cmd_sn = 0
-        self._tasks: dict[int, _Task] = {}
+        self._tasks: dict[int, Task] = {}
         self._aborted: set[int] = set()  # emitted commands whose answer is to be dropped
         self._tmfs: dict[int, bool] = {}  # task management requests in flight: immediate?
         self._ttts = itertools.count(1)
@@ -406,9 +361,9 @@ class IscsiTargetConnection:
         reading, writing = bool(flags & wire.CommandFlag.READ), bool(flags & wire.CommandFlag.WRITE)
         if self.session_type != "Normal" or (len(data) and not writing):
             return self._reject(RejectReason.PROTOCOL_ERROR, header, immediate)
-        task = _Task(itt, lun, wire.full_cdb(cdb, ahs), immediate,
-                     flags & wire.CommandFlag.ATTRIBUTE_MASK, expected_bytes if reading else 0,
-                     expected_bytes if writing else 0)
+        task = Task(itt, lun, wire.full_cdb(cdb, ahs), immediate,
+                    flags & wire.CommandFlag.ATTRIBUTE_MASK, expected_bytes if reading else 0,
+                    expected_bytes if writing else 0)
         self._tasks[itt] = task
         if reading and writing:  # bidirectional: no command the target knows is one
             return self._refuse(task, SenseKey.ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE)
@@ -416,32 +371,18 @@ class IscsiTargetConnection:
             return self._refuse(task, SenseKey.ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
         try:
             if writing:
-                self._start_write(task, bool(flags & wire.CommandFlag.FINAL), data)
-        except _DataOutError as error:
+                task.start_write(self.params, bool(flags & wire.CommandFlag.FINAL), data)
+        except DataOutError as error:
             return self._refuse(task, error.key, error.code)
         return self._progress(task)
 
-    def _refuse(self, task: _Task, key: SenseKey, code: Asc) -> Event | None:
+    def _refuse(self, task: Task, key: SenseKey, code: Asc) -> Event | None:
         """Answer a command in the core (no event); data-out still coming for it is dropped."""
         task.emitted = True
         self.send_scsi_response(task.itt, Status.CHECK_CONDITION, sense(key, code).pack())
         return None
 
-    def _start_write(self, task: _Task, final: bool, data: memoryview) -> None:
-        params, size = self.params, len(data)
-        if (size and not params.immediate_data) or (not final and params.initial_r2t):
-            raise _DataOutError(SenseKey.ILLEGAL_REQUEST, UNEXPECTED_UNSOLICITED_DATA)
-        if size > min(task.write_bytes, params.first_burst_length):
-            raise _DataOutError(SenseKey.ABORTED_COMMAND, INCORRECT_AMOUNT_OF_DATA)
-        task.unsolicited_open = not final
-        if size == task.write_bytes:
-            task.data = bytes(data)
-        else:
-            task.buffer = bytearray(task.write_bytes)
-            task.buffer[:size] = data
-        task.received_bytes = size
-
-    def _progress(self, task: _Task) -> ScsiCommand | None:
+    def _progress(self, task: Task) -> ScsiCommand | None:
         """Hand the command out once its data-out is complete, else ask for more."""
         if task.received_bytes >= task.write_bytes:
             task.emitted = True
@@ -451,10 +392,10 @@ class IscsiTargetConnection:
             self._send_r2t(task)
         return None
 
-    def _send_r2t(self, task: _Task) -> None:
+    def _send_r2t(self, task: Task) -> None:
         offset = task.received_bytes
         length = min(self.params.max_burst_length, task.write_bytes - offset)
-        task.r2t = _R2t(next(self._ttts) % RESERVED_TAG, offset, length)
+        task.r2t = R2t(next(self._ttts) % RESERVED_TAG, offset, length)
         self._queue(wire.R2T.pack(Opcode.R2T, FINAL, 0, 0, task.lun, task.itt, task.r2t.ttt,
                                   *self._sns(advance=False), task.r2t_count, offset, length))
         task.r2t_count += 1
@@ -467,45 +408,11 @@ class IscsiTargetConnection:
         if ttt != RESERVED_TAG and (task.r2t is None or ttt != task.r2t.ttt):
             return self._reject(RejectReason.INVALID_PDU_FIELD, header)
         try:
-            self._take_data_out(task, ttt, data_sn, offset, data)
-            self._data_out_done(task, ttt, bool(flags & FINAL))
-        except _DataOutError as error:
+            task.take_data_out(self.params, ttt, data_sn, offset, data)
+            task.data_out_done(ttt, bool(flags & FINAL))
+        except DataOutError as error:
             return self._refuse(task, error.key, error.code)
         return self._progress(task)
-
-    def _take_data_out(self, task: _Task, ttt: int, data_sn: int, offset: int,
-                       data: memoryview) -> None:
-        if ttt == RESERVED_TAG and not task.unsolicited_open:
-            raise _DataOutError(SenseKey.ILLEGAL_REQUEST, UNEXPECTED_UNSOLICITED_DATA)
-        end, expected_sn = self._sequence_end(task, ttt)
-        if data_sn != expected_sn:
-            raise _DataOutError(SenseKey.ABORTED_COMMAND, DATA_PHASE_ERROR)
-        if offset != task.received_bytes:
-            raise _DataOutError(SenseKey.ABORTED_COMMAND, DATA_OFFSET_ERROR)
-        if offset + len(data) > end:
-            raise _DataOutError(SenseKey.ABORTED_COMMAND, INCORRECT_AMOUNT_OF_DATA)
-        assert task.buffer is not None  # only a partial data-out is assembled
-        task.buffer[offset : offset + len(data)] = data
-        task.received_bytes += len(data)
-
-    def _sequence_end(self, task: _Task, ttt: int) -> tuple[int, int]:
-        """(end offset, next DataSN) of the Data-Out sequence `ttt` belongs to."""
-        if ttt == RESERVED_TAG:
-            return min(task.write_bytes, self.params.first_burst_length), task.unsolicited_sn
-        assert task.r2t is not None
-        return task.r2t.offset_bytes + task.r2t.length_bytes, task.r2t.data_sn
-
-    def _data_out_done(self, task: _Task, ttt: int, final: bool) -> None:
-        if ttt == RESERVED_TAG:
-            task.unsolicited_sn += 1
-            task.unsolicited_open = not final
-            return
-        assert task.r2t is not None
-        task.r2t.data_sn += 1
-        if final:
-            if task.received_bytes != task.r2t.offset_bytes + task.r2t.length_bytes:
-                raise _DataOutError(SenseKey.ABORTED_COMMAND, INCORRECT_AMOUNT_OF_DATA)
-            task.r2t = None
 
     # --- answers to commands -------------------------------------------------------------
 
@@ -532,7 +439,7 @@ class IscsiTargetConnection:
                 data_in_pdus + task.r2t_count, 0, residual_bytes), payload)
         self._finish_logout()
 
-    def _send_data_in(self, task: _Task, data: memoryview, outcome: tuple[int, int, int],
+    def _send_data_in(self, task: Task, data: memoryview, outcome: tuple[int, int, int],
                       collapse: bool) -> int:
         """Data-In PDUs of at most MaxRecvDataSegmentLength in sequences of MaxBurstLength;
         with `collapse` the last carries the outcome (wire.residual flags, count and status)."""
