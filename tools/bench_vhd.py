@@ -30,11 +30,13 @@ include the storage device; the header says how the node had the file open (its
 /proc/PID/fdinfo flags, read after the run: the unpacker keeps an idle disk open a minute).
 Every node is stopped by PID (SIGTERM, SIGKILL, `umount -l`), also on errors, Ctrl-C and
 SIGTERM. If `clusterfs mount` cannot run (no /dev/fuse, or the node does not mount) a `#`
-line says the tunnel columns are left out, and why; --no-tunnel skips the cluster. --json
-prints one JSON object of all figures instead of the table.
+line says the tunnel columns are left out, and why; --no-tunnel skips the cluster. Then, on
+the same cluster, tools/bench_vhd_frontends.py's front ends (`vhdshare attach` over NBD and
+iSCSI beside qemu-nbd and tgtd) print their own table (--no-frontends skips them). --json
+prints one JSON object of all figures instead of the tables.
 
     .venv/bin/python tools/bench_vhd.py [--size-mib 128] [--seconds 1.5] [--pin CPU]
-                                        [--nodes 1] [--no-tunnel] [--json] [--dir DIR]
+                        [--nodes 1] [--no-tunnel] [--no-frontends] [--json] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import bench_cluster  # sibling script, not a package
+import bench_cluster  # sibling scripts, not a package
+import bench_vhd_frontends as frontends
+from bench_vhd_frontends import Result, best
 
 from clusterfs.blockdir import BlockDir
 from clusterfs.credentials import Credentials, credentials_path, load_credentials
@@ -88,29 +92,6 @@ CLUSTER_ERRORS = (bench_cluster.BenchError, OSError, subprocess.SubprocessError)
 
 def log(msg: str) -> None:
     print(f"bench_vhd: {msg}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class Result:
-    ops: int
-    bytes_done: int
-    elapsed_s: float
-
-    @property
-    def mib_s(self) -> float:
-        return self.bytes_done / (1 << 20) / self.elapsed_s
-
-    @property
-    def iops(self) -> float:
-        return self.ops / self.elapsed_s
-
-    def to_json(self) -> dict[str, float]:
-        return {"ops": self.ops, "bytes": self.bytes_done, "elapsed_s": self.elapsed_s,
-                "mib_s": self.mib_s, "iops": self.iops}
-
-
-def best(runs: list[Result]) -> Result:
-    return max(runs, key=lambda r: r.bytes_done / r.elapsed_s)
 
 
 # ----- one case: its I/Os and its clock (shared by the local layers and the tunnel) --------
@@ -427,6 +408,7 @@ class Run:
     tunnel: Tunnel | None = None
     errors: list[str] = field(default_factory=list)
     node_logs: dict[str, list[str]] = field(default_factory=dict)
+    frontends: frontends.Outcome | None = None
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> Run:
@@ -446,6 +428,11 @@ def bench(args: argparse.Namespace, workdir: Path) -> Run:
             except TUNNEL_ERRORS as exc:
                 run.errors.append(f"tunnel, {kind} disk: {type(exc).__name__}: {exc}")
                 log(run.errors[-1])
+        if args.frontends:
+            log("front ends")
+            run.frontends = frontends.bench(
+                workdir, frontends.Settings(args.size_mib, args.seconds, pin=args.pin),
+                tunnel.cluster if tunnel else None, "; ".join(notes))
     if tunnel is not None:
         run.node_logs = bench_cluster.scan_logs({args.nodes: tunnel.cluster})
     run.header = header_lines(args, run.tunnel) + notes
@@ -521,7 +508,8 @@ def report_lines(run: Run) -> list[str]:
     for node, problems in run.node_logs.items():
         lines.append(f"# node log {node}: {len(problems)} warning/error line(s)")
         lines += [f"#   {p[:200]}" for p in problems[:5]]
-    return lines + [f"! {e}" for e in run.errors]
+    lines += [f"! {e}" for e in run.errors]
+    return lines + (["", *frontends.report_lines(run.frontends)] if run.frontends else [])
 
 
 def json_report(run: Run, args: argparse.Namespace) -> dict[str, Any]:
@@ -541,6 +529,7 @@ def json_report(run: Run, args: argparse.Namespace) -> dict[str, Any]:
                    for disk, results in run.results.items()},
         "errors": run.errors,
         "node_logs": run.node_logs,
+        "frontends": frontends.json_report(run.frontends) if run.frontends else None,
     }
 
 
@@ -560,6 +549,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cluster size for the tunnel layer (default 1)")
     parser.add_argument("--no-tunnel", action="store_true",
                         help="no cluster: leave out the tunnel layer")
+    parser.add_argument("--frontends", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the front ends (tools/bench_vhd_frontends.py; default on)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not the table")
     args = parser.parse_args(argv)
     if min(args.size_mib, args.nodes) < 1 or args.seconds <= 0:
@@ -592,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(json_report(run, args), indent=2))
     else:
         print("\n".join(report_lines(run)))
-    return 1 if run.errors else 0
+    return 1 if run.errors or (run.frontends and run.frontends.errors) else 0
 
 
 if __name__ == "__main__":
