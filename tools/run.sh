@@ -20,7 +20,16 @@ install_apt_packages() {
     if ((${#missing[@]})); then
         echo "setup: installing ${missing[*]}" >&2
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        # tgt would start a system tgtd on port 3260 when installed: the benchmark runs its
+        # own, so no service may start (policy-rc.d, as Debian's container images have it).
+        local policy=/usr/sbin/policy-rc.d made_policy="" status=0
+        if [ ! -e "$policy" ]; then
+            printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+            || status=$?
+        if [ -n "$made_policy" ]; then rm -f "$policy"; fi
+        return "$status"
     fi
 }
 
