@@ -138,27 +138,33 @@ def test_garbage_from_a_peer_changes_nothing_and_crashes_nothing(
             "after-n1", "after-n2", "after-n3", "before"]
 
 
-def _stranger(address: str, identity: bytes, kind: str, cluster_key: bytes) -> list[bytes]:
-    """Send a join request, a prepare and a status request as a process without the
-    cluster's credentials; whatever comes back within a second."""
+def _strangers(calls: list[tuple[str, bytes, str]], cluster_key: bytes) -> list[list[bytes]]:
+    """For each (address, identity, kind): send a join request, a prepare and a status
+    request as a process without the cluster's credentials; whatever comes back within a
+    second (all at once, each on its own socket)."""
     context = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.setsockopt(zmq.IDENTITY, identity)
-    if kind != "no CURVE":
-        curve_client(dealer, Credentials(*new_keypair()))
-        if kind == "own keys, the cluster's public key":
-            dealer.setsockopt(zmq.CURVE_SERVERKEY, cluster_key)
+    dealers = []
     join = membership_messages.JoinRequest("intruder", "127.0.0.1:9", 0)
     prepare = messages.Prepare(1, messages.Batch(1, 1, ()))
     try:
-        dealer.connect(f"tcp://{address}")
-        dealer.send_multipart([b"m", membership_messages.encode(join)])
-        dealer.send_multipart([b"t", messages.encode(prepare)])
-        dealer.send_multipart([b"c", status.encode(status.StatusRequest())])
-        return [dealer.recv()] if dealer.poll(1000) else []
+        for address, identity, kind in calls:
+            dealer = context.socket(zmq.DEALER)
+            dealers.append(dealer)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.setsockopt(zmq.IDENTITY, identity)
+            if kind != "no CURVE":
+                curve_client(dealer, Credentials(*new_keypair()))
+                if kind == "own keys, the cluster's public key":
+                    dealer.setsockopt(zmq.CURVE_SERVERKEY, cluster_key)
+            dealer.connect(f"tcp://{address}")
+            dealer.send_multipart([b"m", membership_messages.encode(join)])
+            dealer.send_multipart([b"t", messages.encode(prepare)])
+            dealer.send_multipart([b"c", status.encode(status.StatusRequest())])
+        time.sleep(1.0)
+        return [[dealer.recv()] if dealer.poll(0) else [] for dealer in dealers]
     finally:
-        dealer.close()
+        for dealer in dealers:
+            dealer.close()
         context.term()
 
 
@@ -169,11 +175,11 @@ def test_a_process_without_the_credentials_gets_nothing_and_changes_nothing(
     state = {(n["name"], n["epoch"], tuple(n["members"]), n["digest"], n["applied_seq"])
              for n in before["nodes"]}
     cluster_key = load_credentials(credentials_path(c.blockdir)).public_key
-    for node in c.nodes:
-        for kind in ("no CURVE", "another cluster's keys", "own keys, the cluster's public key"):
-            for identity in (b"intruder", b"n1", b"n2"):  # also under members' names
-                assert _stranger(node.address, identity, kind, cluster_key) == [], (
-                    f"{node.name} answered a stranger ({kind})")
+    kinds = ("no CURVE", "another cluster's keys", "own keys, the cluster's public key")
+    calls = [(node.address, identity, kind) for node in c.nodes for kind in kinds
+             for identity in (b"intruder", b"n1", b"n2")]  # also under members' names
+    for call, answers in zip(calls, _strangers(calls, cluster_key), strict=True):
+        assert answers == [], f"{call[0]} answered a stranger ({call[2]})"
     assert any("refused a connection" in node.log_text() for node in c.nodes)
     after = c.wait_quiet_digests()
     assert {(n["name"], n["epoch"], tuple(n["members"]), n["digest"], n["applied_seq"])

@@ -5,6 +5,7 @@ commands are served by two different nodes."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import socket
@@ -57,6 +58,13 @@ def test_qemu_io_and_qemu_img_over_iscsi_with_two_disks(shared_cluster: Cluster,
         other_url = f"iscsi://127.0.0.1:{port}/{other_name}/0"
         run("qemu-io", "-f", "raw", "-c", "write -P 0x42 0 64k", other_url)
         run("qemu-io", "-f", "raw", "-c", "read -P 0x42 0 64k", other_url)
+        for garbage in (b"\x00" * 48, b"\x03" + b"\xff" * 300, bytes(range(256)) * 8):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as peer:
+                peer.sendall(garbage)
+                with contextlib.suppress(ConnectionResetError):
+                    while peer.recv(4096):  # answered or hung up on, never left hanging
+                        pass
+        assert "protocol error, connection closed" in attachment.log(), attachment.log()
         url = f"iscsi://127.0.0.1:{port}/{name}/0"
         run("qemu-io", "-f", "raw", "-c", "write -P 0xa5 0 1M", "-c", "write -P 0x5a 20M 3M",
             "-c", "write -P 0x11 31M 1M", url)

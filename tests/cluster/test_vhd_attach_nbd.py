@@ -3,10 +3,12 @@ against a shared disk of a real 3-node cluster, through the tunnel."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
+import socket as sock
 import subprocess
 import time
 from collections.abc import Callable
@@ -93,14 +95,14 @@ def test_qemu_io_nbdinfo_map_and_nbdcopy(shared_cluster: Cluster, croot: str,
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def test_several_disks_by_export_name(shared_cluster: Cluster, croot: str,
+def test_several_disks_by_export_name_and_garbage_from_a_client(shared_cluster: Cluster, croot: str,
                                       tmp_path: Path) -> None:
     first = new_disk(shared_cluster, croot, "one.vhd", "8M", "fixed")
     second = new_disk(shared_cluster, croot, "two.vhd", "16M")
     socket = tmp_path / "nbd.sock"
     args = [*attach_args(shared_cluster, first, second), "--initiator", "vmhost-2",
             "--nbd", f"unix:{socket}"]
-    with attached(args, tmp_path, socket):
+    with attached(args, tmp_path, socket) as attachment:
         assert int(run("nbdinfo", "--size", nbd_uri(socket, first)).stdout) == 8 * MIB
         assert int(run("nbdinfo", "--size", nbd_uri(socket, second)).stdout) == 16 * MIB
         assert int(run("nbdinfo", "--size", nbd_uri(socket)).stdout) == 8 * MIB
@@ -110,6 +112,17 @@ def test_several_disks_by_export_name(shared_cluster: Cluster, croot: str,
         qemu_io(nbd_uri(socket, second), "read -P 2 0 64k")
         listing = run("nbdinfo", "--list", f"nbd+unix://?socket={socket}").stdout
         assert f"export=\"{first.lstrip('/')}\"" in listing, listing
+        for garbage in (b"\x00" * 64, b"NBDMAGIC" * 40, bytes(range(256)) * 8):
+            with sock.socket(sock.AF_UNIX, sock.SOCK_STREAM) as peer:
+                peer.connect(str(socket))
+                peer.recv(18)  # the greeting
+                peer.sendall(garbage)
+                peer.settimeout(10)
+                with contextlib.suppress(ConnectionResetError):
+                    while peer.recv(4096):  # answered or hung up on, never left hanging
+                        pass
+        qemu_io(nbd_uri(socket, first), "read -P 1 0 64k")  # and it serves on
+        assert "NBD client dropped" in attachment.log(), attachment.log()
 
 
 def test_reservation_held_elsewhere_refuses_nbd_writes(shared_cluster: Cluster, croot: str,
