@@ -19,6 +19,8 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from vhdshare.sansio import NEED_DATA, NeedData  # noqa: F401 (re-exported with the events)
+
 BHS_BYTES = 48
 RESERVED_TAG = 0xFFFFFFFF  # "no task": ITT of unsolicited PDUs, TTT when none is wanted
 SERIAL_MASK = 0xFFFFFFFF  # sequence numbers are 32-bit serial numbers (RFC 1982)
@@ -541,14 +543,6 @@ def send_targets(value: str, target_names: tuple[str, ...], session_target: str,
 
 
 # --- events ----------------------------------------------------------------------------------
-
-
-class NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = NeedData()
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,8 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from vhdshare.sansio import NEED_DATA, NeedData  # noqa: F401 (re-exported with the events)
+
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = b"IHAVEOPT"
 OPTION_REPLY_MAGIC = 0x3E889045565A9
@@ -193,14 +195,6 @@ class Export:
             raise ValueError(f"maximum block size {high} is invalid")
         if len(self.description.encode()) > MAX_STRING_BYTES:
             raise ValueError("export description too long")
-
-
-class NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = NeedData()
 
 
 @dataclass(frozen=True, slots=True)

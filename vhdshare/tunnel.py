@@ -25,6 +25,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from vhdshare.sansio import NEED_DATA, NeedData
 from vhdshare.scsi import CheckCondition, OpClass, Status
 from vhdshare.scsi_cdb import (
     Read,
@@ -65,14 +66,6 @@ class Direction(enum.IntEnum):
     NONE = 0
     DATA_OUT = 1  # host → device (writes)
     DATA_IN = 2  # device → host (reads)
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,7 +381,7 @@ class _Framer:
             return
         self._buffer += data
 
-    def next_frame(self) -> Frame | ConnectionClosed | _NeedData:
+    def next_frame(self) -> Frame | ConnectionClosed | NeedData:
         if self.state is FramerState.ERROR:
             raise _fail("the connection is broken")
         if self.state is FramerState.CLOSED:
@@ -399,7 +392,7 @@ class _Framer:
                 return waiting
         return self._take_payload()
 
-    def _take_header(self) -> ConnectionClosed | _NeedData | None:
+    def _take_header(self) -> ConnectionClosed | NeedData | None:
         prefix = bytes(self._buffer[: len(MAGIC)])
         if not MAGIC.startswith(prefix):  # reject garbage before a whole header arrives
             raise self.fail(f"bad magic {prefix!r}")
@@ -423,7 +416,7 @@ class _Framer:
         self._move(FramerInput.HEADER)
         return None
 
-    def _take_payload(self) -> Frame | _NeedData:
+    def _take_payload(self) -> Frame | NeedData:
         if len(self._buffer) < self._payload_bytes:
             if self._eof:
                 raise self.fail("stream ends inside a packet payload")
@@ -456,7 +449,7 @@ class NodeConnection:
     def receive_data(self, data: bytes) -> None:
         self._framer.receive_data(bytes(data))
 
-    def next_event(self) -> TunnelRequest | ConnectionClosed | _NeedData:
+    def next_event(self) -> TunnelRequest | ConnectionClosed | NeedData:
         frame = self._framer.next_frame()
         if not isinstance(frame, tuple):
             return frame
@@ -518,7 +511,7 @@ class HostConnection:
         except TunnelProtocolError as error:
             raise self._framer.fail(str(error)) from None
 
-    def next_event(self) -> TunnelResponse | ConnectionClosed | _NeedData:
+    def next_event(self) -> TunnelResponse | ConnectionClosed | NeedData:
         frame = self._framer.next_frame()
         if not isinstance(frame, tuple):
             return frame
