@@ -13,7 +13,7 @@ TCP connection is one session (MaxConnections=1, ErrorRecoveryLevel=0, no digest
                    Task Management → `TaskManagement`; Logout → `LogoutRequested`
 
 The core answers by itself: login negotiation (RFC 7143 section 13 rules, in
-`vhdshare.iscsi_wire.negotiate`), Text Requests (SendTargets), NOP-Out pings, R2Ts, the
+`vhdshare.iscsi_keys.negotiate`), Text Requests (SendTargets), NOP-Out pings, R2Ts, the
 Logout Response (once every command is answered), and Reject PDUs for PDUs it cannot
 accept.  The driver answers each `ScsiCommand` exactly once, in any order, with
 `send_scsi_response` (Data-In PDUs cut to the initiator's MaxRecvDataSegmentLength and
@@ -42,6 +42,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from vhdshare import iscsi_keys as keys
 from vhdshare import iscsi_wire as wire
 from vhdshare.iscsi_dataout import DataOutError, R2t, Task
 from vhdshare.iscsi_wire import (
@@ -53,7 +54,6 @@ from vhdshare.iscsi_wire import (
     Event,
     IscsiProtocolError,
     LoginComplete,
-    LoginFailure,
     LoginRejected,
     LoginRequest,
     LogoutRequested,
@@ -151,7 +151,7 @@ class IscsiTargetConnection:
         self.cmd_window = cmd_window
         self.max_data_out_bytes = max_data_out_bytes
         self.state = State.LOGIN
-        self.params = wire.SessionParams()
+        self.params = keys.SessionParams()
         self.initiator_name = self.session_type = self.target_name = ""
         self._login = _Login()
         self._buffer = bytearray()
@@ -296,11 +296,11 @@ class IscsiTargetConnection:
         self._max_cmd_sn = (request.cmd_sn + self.cmd_window - 1) & wire.SERIAL_MASK
         try:
             answers = self._login_answers(request, data)
-        except LoginFailure as failure:
+        except keys.LoginFailure as failure:
             self._login_response(request, b"", failure.status)
             self._move(Input.LOGIN_REJECTED)
             return LoginRejected(failure.status, str(failure))
-        self._login_response(request, wire.encode_text(answers), wire.LoginStatus.SUCCESS)
+        self._login_response(request, keys.encode_text(answers), wire.LoginStatus.SUCCESS)
         if not (request.transit and request.nsg == wire.Stage.FULL_FEATURE):
             self._move(Input.LOGIN_STEP)
             return None
@@ -311,18 +311,18 @@ class IscsiTargetConnection:
                              self._login.isid, self.tsih)
 
     def _login_answers(self, request: LoginRequest, data: bytes) -> list[tuple[str, str]]:
-        wire.check_login_request(request, self._login.stage)
+        keys.check_login_request(request, self._login.stage)
         try:
-            offered = wire.decode_text(data)
+            offered = keys.decode_text(data)
         except wire.TextError as error:
-            raise LoginFailure(wire.LoginStatus.INITIATOR_ERROR, str(error)) from None
+            raise keys.LoginFailure(wire.LoginStatus.INITIATOR_ERROR, str(error)) from None
         first = self._login.stage is None
         if first:
             self.initiator_name, self.session_type, self.target_name = \
-                wire.leading_keys(request, offered, self.target_names)
+                keys.leading_keys(request, offered, self.target_names)
             self._login.isid, self._login.cid = request.isid, request.cid
         answers = [answer for key, value in offered
-                   if (answer := wire.answer_login_key(key, value, self.params)) is not None]
+                   if (answer := keys.answer_login_key(key, value, self.params)) is not None]
         answers += self._declarations(request.csg, first)
         self._login.stage = request.nsg if request.transit else request.csg
         return answers
@@ -493,15 +493,15 @@ class IscsiTargetConnection:
         try:
             if flags & wire.TEXT_CONTINUE or ttt != RESERVED_TAG:
                 raise wire.TextError("multi-PDU text")
-            pairs = wire.decode_text(bytes(data))
+            pairs = keys.decode_text(bytes(data))
         except wire.TextError:
             return self._reject(RejectReason.PROTOCOL_ERROR, header, immediate)
         answers = []
         for key, value in pairs:
-            answers += wire.send_targets(value, self.target_names, self.target_name, self.portal) \
+            answers += keys.send_targets(value, self.target_names, self.target_name, self.portal) \
                 if key == "SendTargets" else [(key, "NotUnderstood")]
         self._free_slot(immediate)
-        body = wire.encode_text(answers)
+        body = keys.encode_text(answers)
         self._queue(wire.TEXT_RESPONSE.pack(Opcode.TEXT_RESPONSE, FINAL, 0,
                                             wire.pack_lengths(len(body)), lun, itt, RESERVED_TAG,
                                             *self._sns(), b""), body)

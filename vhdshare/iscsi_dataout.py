@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vhdshare import iscsi_wire as wire
+from vhdshare import iscsi_keys as keys
 from vhdshare.iscsi_wire import RESERVED_TAG
 from vhdshare.scsi import Asc, SenseKey
 
@@ -74,7 +74,7 @@ class Task:
         self.buffer, self.data = None, b""
         return data
 
-    def start_write(self, params: wire.SessionParams, final: bool, data: memoryview) -> None:
+    def start_write(self, params: keys.SessionParams, final: bool, data: memoryview) -> None:
         """Take the command PDU's immediate data; `final`: no unsolicited Data-Out follows."""
         size = len(data)
         if (size and not params.immediate_data) or (not final and params.initial_r2t):
@@ -89,7 +89,7 @@ class Task:
             self.buffer[:size] = data
         self.received_bytes = size
 
-    def take_data_out(self, params: wire.SessionParams, ttt: int, data_sn: int, offset: int,
+    def take_data_out(self, params: keys.SessionParams, ttt: int, data_sn: int, offset: int,
                       data: memoryview) -> None:
         """Take one Data-Out PDU's data (its TTT is ours or RESERVED_TAG)."""
         if ttt == RESERVED_TAG and not self.unsolicited_open:
@@ -105,7 +105,7 @@ class Task:
         self.buffer[offset : offset + len(data)] = data
         self.received_bytes += len(data)
 
-    def _sequence_end(self, params: wire.SessionParams, ttt: int) -> tuple[int, int]:
+    def _sequence_end(self, params: keys.SessionParams, ttt: int) -> tuple[int, int]:
         """(end offset, next DataSN) of the Data-Out sequence `ttt` belongs to."""
         if ttt == RESERVED_TAG:
             return min(self.write_bytes, params.first_burst_length), self.unsolicited_sn

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vhdshare.iscsi import IscsiTargetConnection, State
+from vhdshare.iscsi_keys import SessionParams, decode_text, negotiate
 from vhdshare.iscsi_wire import (
     NEED_DATA,
     ConnectionClosed,
@@ -26,10 +27,7 @@ from vhdshare.iscsi_wire import (
     LoginRejected,
     LogoutRequested,
     ScsiCommand,
-    SessionParams,
     TaskManagement,
-    decode_text,
-    negotiate,
 )
 
 TARGET = "iqn.2026-11.test:disk"
