@@ -32,7 +32,8 @@ pytestmark = [
 def report() -> dict[str, Any]:
     """One quick run over all targets, shared by the per-target tests."""
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--only", ",".join(TARGETS), "--json"],
+        [sys.executable, str(BENCH), "--quick", "--files", "60", "--size-mib", "8", "--only",
+         ",".join(TARGETS), "--json"],
         capture_output=True, text=True, timeout=300, check=False, cwd=REPO,
     )
     assert proc.stdout, f"no report; exit {proc.returncode}; stderr:\n{proc.stderr[-3000:]}"

@@ -1,6 +1,8 @@
 """Smoke test of tools/bench_vhd.py: a tiny run yields a positive figure for every layer,
-the tunnel through a real 1-node cluster included, on both kinds of disk, and leaves no
-mount, node process or work directory behind.
+the tunnel through a real 1-node cluster included, on both kinds of disk, and for every
+workload of every front end that can run here (`vhdshare attach` over NBD and iSCSI,
+qemu-nbd, tgtd; any other says why it is left out), and leaves no mount, node,
+attachment, qemu-nbd, tgtd or work directory behind.
 
 No timing assertions (DESIGN.md section 5): only that each measurement ran.
 """
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +25,8 @@ BENCH = REPO / "tools" / "bench_vhd.py"
 DISKS = ("fixed", "dynamic")
 LAYERS = ("raw", "image", "target", "tunnel")
 WORKLOADS = ("first-write", "seq-write", "seq-read", "rand-write", "rand-read")
+FRONTENDS = ("vhdshare-nbd", "vhdshare-iscsi", "qemu-nbd", "tgtd")
+CASES = ("seq-write depth 1", "seq-read depth 1", "rand-write depth 1", "rand-read depth 1")
 
 pytestmark = [
     pytest.mark.mount,
@@ -36,7 +42,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     workdir = tmp_path_factory.mktemp("bench_vhd")
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--size-mib", "8", "--seconds", "0.2", "--json",
-         "--no-frontends", "--dir", str(workdir)],  # the front ends have their own test
+         "--frontend-depths", "1", "--dir", str(workdir)],
         capture_output=True, text=True, timeout=120, check=False, cwd=REPO)
     assert proc.stdout, f"no report; exit {proc.returncode}; stderr:\n{proc.stderr[-3000:]}"
     parsed: dict[str, Any] = json.loads(proc.stdout)
@@ -90,3 +96,55 @@ def cmdline(pid: str) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""  # gone meanwhile
+
+
+# --- the front ends (tools/bench_vhd_frontends.py), in the same run ---------------------
+
+def test_the_front_ends_ran(report: dict[str, Any]) -> None:
+    fronts = report["frontends"]
+    assert fronts["errors"] == []
+    assert list(fronts["disks"]) == ["fixed"]
+    assert set(fronts["disks"]["fixed"]) == set(CASES)
+
+
+def test_what_must_run_here_ran(report: dict[str, Any]) -> None:
+    fronts = report["frontends"]
+    assert "vhdshare-nbd" not in fronts["left_out"]  # the cluster and attach --nbd work
+    for name, program in (("qemu-nbd", "qemu-nbd"), ("tgtd", "tgtd")):
+        if shutil.which(program):
+            assert name not in fronts["left_out"], fronts["left_out"][name]
+
+
+@pytest.mark.parametrize("front", FRONTENDS)
+def test_every_front_end_has_figures_or_a_reason(report: dict[str, Any], front: str) -> None:
+    fronts = report["frontends"]
+    if front in fronts["left_out"]:
+        reason = fronts["left_out"][front]
+        assert reason.strip()
+        assert f"# {front} column left out: {reason}" in [f"# {h}" for h in fronts["header"]]
+        assert all(front not in figures for figures in fronts["disks"]["fixed"].values())
+        return
+    for case in CASES:
+        fig = fronts["disks"]["fixed"][case][front]
+        assert fig["ops"] > 0, case
+        assert fig["mib_s"] > 0, case
+        assert fig["iops"] > 0, case
+
+
+def test_vhdshare_is_compared_with_qemu_nbd(report: dict[str, Any]) -> None:
+    for case in CASES:
+        assert report["frontends"]["ratios"]["fixed"][case]["vhdshare-nbd/qemu-nbd"] > 0, case
+
+
+def test_no_tgtd_is_left_behind(report: dict[str, Any]) -> None:
+    # nodes, attachments and qemu-nbd name the work directory (test_nothing_is_left_behind);
+    # our tgtd names its control port
+    ports = re.findall(r"tgtd -f -C (\d+) ", report["_stderr"])
+    assert ports or "tgtd" in report["frontends"]["left_out"]
+    for port in ports:
+        assert not [pid for pid in pids() if f"tgtd\0-f\0-C\0{port}\0" in cmdline(pid)]
+        assert not Path(f"/var/run/tgtd/socket.{port}").exists()
+
+
+def pids() -> list[str]:
+    return [pid for pid in os.listdir("/proc") if pid.isdigit()]

@@ -431,7 +431,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> Run:
         if args.frontends:
             log("front ends")
             run.frontends = frontends.bench(
-                workdir, frontends.Settings(args.size_mib, args.seconds, pin=args.pin),
+                workdir, frontends.Settings(args.size_mib, args.seconds, args.frontend_depths,
+                                            pin=args.pin),
                 tunnel.cluster if tunnel else None, "; ".join(notes))
     if tunnel is not None:
         run.node_logs = bench_cluster.scan_logs({args.nodes: tunnel.cluster})
@@ -551,6 +552,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="no cluster: leave out the tunnel layer")
     parser.add_argument("--frontends", action=argparse.BooleanOptionalAction, default=True,
                         help="also the front ends (tools/bench_vhd_frontends.py; default on)")
+    parser.add_argument("--frontend-depths", type=lambda text: tuple(map(int, text.split(","))),
+                        default=(1, 16), metavar="D,D",
+                        help="the front ends' queue depths (default 1,16)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not the table")
     args = parser.parse_args(argv)
     if min(args.size_mib, args.nodes) < 1 or args.seconds <= 0:

@@ -18,7 +18,8 @@ def _demo(base: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.mount
-def test_demo_tours_three_nodes_and_stops(fresh_base: Path) -> None:
+def test_demo_tours_three_nodes_stops_and_restarts_from_its_directory(fresh_base: Path
+                                                                      ) -> None:
     proc = _demo(fresh_base)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
@@ -34,11 +35,6 @@ def test_demo_tours_three_nodes_and_stops(fresh_base: Path) -> None:
     assert "  PR generation=0x1, Reservation follows:" in out  # host-b sees host-a's
     assert "vhdshare: error: RESERVE: RESERVATION CONFLICT" in out
     assert out.rstrip().endswith("stopped")
-
-
-@pytest.mark.mount
-def test_demo_restarts_from_its_directory(fresh_base: Path) -> None:
-    assert _demo(fresh_base).returncode == 0
     again = _demo(fresh_base)  # the nodes restart from their state directories
     assert again.returncode == 0, again.stdout + again.stderr
     assert "members n1, n2, n3" in again.stdout
