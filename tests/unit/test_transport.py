@@ -103,10 +103,14 @@ def raw_dealer(address: str, identity: bytes, credentials: Credentials | None = 
         dealer.close()
 
 
+def warned(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(r.levelno == logging.WARNING and text in r.getMessage()
+               for r in caplog.records)
+
+
 async def wait_for_warning(caplog: pytest.LogCaptureFixture, text: str) -> None:
     with trio.fail_after(WAIT_S):
-        while not any(r.levelno == logging.WARNING and text in r.getMessage()
-                      for r in caplog.records):
+        while not warned(caplog, text):
             await trio.sleep(0.01)
 
 
@@ -353,14 +357,19 @@ async def test_a_peer_without_the_cluster_keys_gets_nothing_through(
         "another cluster's key pair": (OTHER_CLUSTER, None),
         "its own key pair, and the cluster's public key": (OTHER_CLUSTER, CLUSTER.public_key),
     }[stranger]
-    with raw_dealer(cluster.addresses["b"], b"a", credentials, server_key) as dealer:
-        for channel in (CHANNEL_TXN, CHANNEL_MEMBERSHIP):
-            dealer.send_multipart([channel, b"a", b"from a stranger"])
-        dealer.send_multipart([CHANNEL_CONTROL, b"from a stranger"])
-        await wait_for_warning(caplog, warning)
-        assert dealer.poll(300) == 0  # no control reply
-        a.send("b", CHANNEL_TXN, b"from the real a")
-        assert await cluster.inboxes["b"].wait_for(1) == [("a", CHANNEL_TXN, b"from the real a")]
+    # ZeroMQ does not reconnect a peer that failed the handshake, and the node may see it
+    # hang up before reading its greeting (logged at debug only): the stranger tries again.
+    with trio.fail_after(WAIT_S):
+        while not warned(caplog, warning):
+            with raw_dealer(cluster.addresses["b"], b"a", credentials, server_key) as dealer:
+                for channel in (CHANNEL_TXN, CHANNEL_MEMBERSHIP):
+                    dealer.send_multipart([channel, b"a", b"from a stranger"])
+                dealer.send_multipart([CHANNEL_CONTROL, b"from a stranger"])
+                with trio.move_on_after(1):
+                    await wait_for_warning(caplog, warning)
+                assert dealer.poll(300) == 0  # no control reply
+    a.send("b", CHANNEL_TXN, b"from the real a")
+    assert await cluster.inboxes["b"].wait_for(1) == [("a", CHANNEL_TXN, b"from the real a")]
     assert cluster.inboxes["b"].received == [("a", CHANNEL_TXN, b"from the real a")]
 
 
