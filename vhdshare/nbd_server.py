@@ -11,7 +11,9 @@ the leading "/", so an NBD URI reads naturally: nbd+unix:///vms/disk.vhd?socket=
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 32
 RECEIVE_BYTES = 1 << 20
+SEND_BUFFER_BYTES = 4 << 20
 PREFERRED_BLOCK_BYTES = 4096
 MAX_REQUEST_BYTES = 32 << 20  # what qemu and libnbd use as their own limit
 
@@ -65,6 +68,11 @@ async def serve_nbd(listeners: Sequence[trio.abc.Listener[Any]], disks: Mapping[
     by_export[""] = next(iter(disks.values()))
 
     async def handle(stream: trio.abc.Stream) -> None:
+        if isinstance(stream, trio.SocketStream):
+            # A unix socket's default buffer (208 KiB) takes a 1 MiB read reply in five
+            # rounds of waking the client; the kernel caps this at net.core.wmem_max.
+            with contextlib.suppress(OSError):
+                stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         await NbdConnection(stream, exports, by_export).run()
 
     async with trio.open_nursery() as nursery:
