@@ -127,6 +127,13 @@ class Client:
         self._route_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
+    @property
+    def local_link(self) -> bool:
+        """Whether the session's node is reached over the local link (no CURVE: it runs on
+        this host; `clusterfs.txn.local_link`)."""
+        session = self.session
+        return session is not None and self._transport.local_links.get(session.address, False)
+
     # -- lifetime ---------------------------------------------------------------------------
     async def __aenter__(self) -> Client:
         self._nursery_manager = trio.open_nursery()
@@ -250,11 +257,12 @@ class Client:
                     if session is None:
                         self.session_retries += 1
                     else:
+                        self.session = session
                         if self._sessions_opened:
                             self.reroutes += 1
-                            log.info("session %s on node %s", session.session_id, session.node)
+                            log.info("session %s on node %s%s", session.session_id,
+                                     session.node, " (local link)" if self.local_link else "")
                         self._sessions_opened += 1
-                        self.session = session
                         return session
             raise ClientError(self._unreachable())
 

@@ -61,7 +61,8 @@ class ClusterBackend:
                                      session_id=f"vhdshare:{initiator}:{self.path}",
                                      route_timeout_s=self._route_timeout_s) as disk:
             self._disks[initiator] = disk
-            log.info("%s attached for %s through node %s", self.path, initiator, disk.node)
+            log.info("%s attached for %s through node %s%s", self.path, initiator, disk.node,
+                     " (local link)" if disk.client.local_link else "")
             try:
                 task_status.started(disk)
                 await trio.sleep_forever()

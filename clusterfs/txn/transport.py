@@ -27,9 +27,12 @@ messages).
 Every connection is authenticated and encrypted with CURVE: each node is a CURVE server and
 client with the cluster's key pair (`clusterfs.credentials`), and its ZAP handler admits a
 client only if it proves it holds that pair's secret key, or an authorised client key's; a
-refused connection is logged at most every ten seconds per address. A stranger's messages
-never reach a handler. ZAP marks a connection made with a client key (its User-Id), and
-what such a connection sends reaches the file protocol's handler only.
+refused connection is logged at most every ten seconds per address. The one exception is
+a client on the node's own host, which may use the local link (`local_link`: a unix
+socket, PLAIN with a password only holders of the secret key know, the protocol only).
+A stranger's messages never reach a handler. ZAP marks a connection made with a client
+key or over the local link (its User-Id), and what such a connection sends reaches the
+file protocol's handler only.
 
 Sending is best effort: the protocol cores resend what matters, so a message that cannot be
 queued (high-water mark reached, unknown destination) is dropped with a debug line. Messages
@@ -39,6 +42,7 @@ to this node itself never touch zmq; the layers deliver those inline.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import os
 import uuid
@@ -50,6 +54,8 @@ import trio
 import zmq
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
+
+from clusterfs.txn import local_link
 
 if TYPE_CHECKING:
     from clusterfs.credentials import Credentials
@@ -76,6 +82,7 @@ CLIENT_IDENTITY_PREFIX = "cli-"  # holders of the cluster's credentials (command
 CLIENT_KEY_IDENTITY_PREFIX = "key-"  # holders of an authorised client key
 USER_CLUSTER = b"cluster"  # ZAP User-Id of a connection made with the cluster's key pair
 USER_CLIENT_KEY = b"client-key"  # ... and with an authorised client key: the protocol only
+USER_LOCAL = b"local"  # ... and over the local link (`local_link`): the protocol only
 
 Handler = Callable[[str, bytes], None]
 ControlHandler = Callable[[bytes], bytes]
@@ -100,10 +107,12 @@ def public_key_of(secret_key: bytes) -> bytes:
 
 
 def zap_reply(request: list[bytes], public_key: bytes,
-              client_keys: Set[bytes] = frozenset()) -> tuple[list[bytes], str]:
+              client_keys: Set[bytes] = frozenset(), local_password: bytes = b""
+              ) -> tuple[list[bytes], str]:
     """The reply to one ZAP request (RFC 27): a CURVE client whose key is the cluster's
     public key (`public_key`, Z85) is admitted as USER_CLUSTER, and one whose key is among
-    `client_keys` (Z85) as USER_CLIENT_KEY. Also the reason for a refusal, or ''."""
+    `client_keys` (Z85) as USER_CLIENT_KEY; a PLAIN client (only the local link accepts
+    PLAIN) with `local_password` as USER_LOCAL. Also the reason for a refusal, or ''."""
     if len(request) < 6:
         request_id = request[1] if len(request) > 1 else b""
         return _zap(request_id, b"400", "malformed request"), "malformed request"
@@ -112,6 +121,11 @@ def zap_reply(request: list[bytes], public_key: bytes,
         credentials[0]) == 32 else b""
     if version != ZAP_VERSION:
         reason = "unknown ZAP version"
+    elif mechanism == b"PLAIN" and local_password:
+        if credentials[:1] == [local_link.PLAIN_USERNAME] and len(credentials) == 2 \
+                and hmac.compare_digest(credentials[1], local_password):
+            return _zap(request_id, b"200", "OK", USER_LOCAL), ""
+        reason = "not the cluster's local link password"
     elif mechanism != b"CURVE":
         reason = f"mechanism {mechanism[:16]!r}, not CURVE"
     elif credentials == [z85.decode(public_key)]:
@@ -164,6 +178,7 @@ class Transport:
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
         self._router: zmq.Socket[bytes] | None = None
         self._router_wait: dict[str, trio.CancelScope] = {}  # while the receive task waits
+        self.local_link: str | None = None  # the local link's socket path, once bound
 
     def on(self, channel: bytes, handler: Handler) -> None:
         self._handlers[channel] = handler
@@ -220,19 +235,22 @@ class Transport:
             except zmq.ZMQError as exc:
                 raise TransportError(f"cannot listen on {self.listen}: {exc.strerror}"
                                      ) from None
+            self._bind_local_link(router)
             monitor = router.get_monitor_socket(_HANDSHAKE_FAILED)
             self._closed = False
             self._router = router
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_zap, zap)
-                nursery.start_soon(self._log_failed_handshakes, monitor)
+                nursery.start_soon(self._log_failed_handshakes, router, monitor)
                 task_status.started()
                 await self._receive_loop(router)
         finally:
             self._closed = True
             self._router = None
-            with contextlib.suppress(zmq.ZMQError):
-                router.disable_monitor()
+            if self.local_link is not None:  # while the port is ours: no new owner's socket
+                with contextlib.suppress(OSError):
+                    os.unlink(self.local_link)
+                self.local_link = None
             router.close()
             zap.close()
             for dealer in self._dealers.values():
@@ -240,18 +258,35 @@ class Transport:
             self._dealers.clear()
             context.term()  # returns at once: every socket has linger 0
 
+    def _bind_local_link(self, router: zmq.Socket[bytes]) -> None:
+        """Also listen on the local link (`local_link`), if this node can. ZeroMQ takes a
+        listener's mechanism when it binds: the TCP listener stays CURVE only."""
+        path = local_link.server_path(self._credentials, self.listen)
+        if path is None:
+            log.debug("no local link: not root, or %s is not private", local_link.LOCAL_LINK_DIR)
+            return
+        router.setsockopt(zmq.PLAIN_SERVER, 1)
+        try:
+            router.bind(f"ipc://{path}")
+        except zmq.ZMQError as exc:
+            log.warning("no local link at %s: %s", path, exc.strerror)
+            return
+        self.local_link = str(path)
+
     async def _serve_zap(self, zap: zmq.Socket[bytes]) -> None:
         """Answer libzmq's authentication requests for the ROUTER's new connections."""
         while True:
             request = await receive_multipart(zap)
-            reply, refusal = zap_reply(request, self._credentials.public_key,
-                                       self._client_keys())
+            reply, refusal = zap_reply(
+                request, self._credentials.public_key, self._client_keys(),
+                local_link.password(self._credentials) if self.local_link else b"")
             zap.send_multipart(reply)
             if refusal:
                 self._log_refusal(request[3].decode(errors="replace") if len(request) > 3
                                   else "?", refusal)
 
-    async def _log_failed_handshakes(self, monitor: zmq.Socket[bytes]) -> None:
+    async def _log_failed_handshakes(self, router: zmq.Socket[bytes],
+                                     monitor: zmq.Socket[bytes]) -> None:
         """A peer without the cluster's keys fails before ZAP is asked: say so here."""
         try:
             while True:
@@ -264,7 +299,7 @@ class Transport:
                     # connections to the nodes that did not take its session.
                     log.debug("a handshake ended early (error %s)", event["value"])
         finally:
-            monitor.close()
+            _stop_monitor(router, monitor)
 
     def _log_refusal(self, address: str, reason: str) -> None:
         now_s = trio.current_time()
@@ -289,8 +324,10 @@ class Transport:
                             len(parts), channel[:8])
                 continue
             if channel != CHANNEL_PROTOCOL and parts[0].get("User-Id") != USER_CLUSTER.decode():
+                who = "the local link" if parts[0].get("User-Id") == USER_LOCAL.decode() \
+                    else "a client key"
                 self._log_refusal(identity.decode(errors="replace"),
-                                  f"a client key may only use the file protocol (channel "
+                                  f"{who} may only use the file protocol (channel "
                                   f"{channel[:8]!r})")
                 continue
             if channel == CHANNEL_CONTROL:
@@ -398,6 +435,14 @@ async def _receive_wakeable(sock: zmq.Socket[bytes], waits: dict[str, trio.Cance
         del waits[key]
 
 
+def _stop_monitor(sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes]) -> None:
+    """Stop `sock`'s monitor, then close our end. Not the other way round: libzmq's I/O
+    thread blocks sending an event to a closed end, holding the lock that stopping needs."""
+    with contextlib.suppress(zmq.ZMQError):
+        sock.disable_monitor()
+    monitor.close()
+
+
 def _wake(waits: dict[str, trio.CancelScope], key: str) -> None:
     wait = waits.get(key)
     if wait is not None:
@@ -424,8 +469,7 @@ async def request(address: str, payload: bytes, timeout_s: float,
             raise TransportError(f"{address}: unexpected reply")
         raise TransportError(f"no answer from {address} within {timeout_s:g} s")
     finally:
-        dealer.disable_monitor()
-        monitor.close()
+        _stop_monitor(dealer, monitor)
         dealer.close()
 
 
@@ -475,7 +519,8 @@ def _client_context() -> zmq.Context[Any]:
 
 class ClientTransport:
     """A file protocol client's side: one DEALER per node address, all with one identity,
-    and CURVE with the cluster's credentials; `run` serves until cancelled.
+    and CURVE with the cluster's credentials, or the local link to a node on this host;
+    `run` serves until cancelled.
 
     Messages from node `address` go to `on_message(address, payload)`; a node that refuses
     the credentials is reported once per connection to `on_refused(address, reason)`."""
@@ -490,6 +535,7 @@ class ClientTransport:
         self._context: zmq.Context[Any] | None = None
         self._nursery: trio.Nursery | None = None
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
+        self.local_links: dict[str, bool] = {}  # node address -> reached over the local link
         # A send on a DEALER can take the edge its receive task waits for: it wakes it.
         self._waits: dict[str, trio.CancelScope] = {}
 
@@ -503,9 +549,7 @@ class ClientTransport:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            for dealer in self._dealers.values():
-                with contextlib.suppress(zmq.ZMQError):
-                    dealer.disable_monitor()
+            for dealer in self._dealers.values():  # their monitors are stopped by now
                 dealer.close()
             self._dealers.clear()
 
@@ -520,12 +564,18 @@ class ClientTransport:
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         dealer.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES)
-        curve_client(dealer, self._credentials)
+        link = local_link.client_path(self._credentials, address)
+        if link is None:
+            curve_client(dealer, self._credentials)
+        else:  # the node is on this host: no CURVE (see `local_link`)
+            dealer.setsockopt(zmq.PLAIN_USERNAME, local_link.PLAIN_USERNAME)
+            dealer.setsockopt(zmq.PLAIN_PASSWORD, local_link.password(self._credentials))
         monitor = dealer.get_monitor_socket(_HANDSHAKE_FAILED)
-        dealer.connect(endpoint(address))
+        dealer.connect(endpoint(address) if link is None else f"ipc://{link}")
+        self.local_links[address] = link is not None
         self._dealers[address] = dealer
         self._nursery.start_soon(self._receive, address, dealer)
-        self._nursery.start_soon(self._watch_handshakes, address, monitor)
+        self._nursery.start_soon(self._watch_handshakes, address, dealer, monitor)
 
     def send(self, address: str, payload: bytes) -> None:
         """Send to the node at `address` without waiting (dropped if it cannot be queued:
@@ -547,7 +597,8 @@ class ClientTransport:
             if len(frames) == 2 and frames[0] == CHANNEL_PROTOCOL:
                 self._on_message(address, frames[1])
 
-    async def _watch_handshakes(self, address: str, monitor: zmq.Socket[bytes]) -> None:
+    async def _watch_handshakes(self, address: str, dealer: zmq.Socket[bytes],
+                                monitor: zmq.Socket[bytes]) -> None:
         try:
             while True:
                 event = parse_monitor_message(await receive_multipart(monitor))
@@ -556,4 +607,4 @@ class ClientTransport:
                                  "the secure handshake failed (another cluster's credentials, "
                                  "or not a clusterfs node)")
         finally:
-            monitor.close()
+            _stop_monitor(dealer, monitor)

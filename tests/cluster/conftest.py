@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from clusterfs.credentials import Credentials, credentials_path, load_credentials
+from clusterfs.txn.local_link import link_path
 from tests.util import (
     clusterfs_command,
     free_port,
@@ -286,8 +287,15 @@ class Cluster:
             for node in self.nodes:
                 if is_mounted(node.mountpoint):
                     unmount(node.mountpoint, lazy=True)
+                self._remove_local_link(node)
         except Exception as exc:  # cleanup must go on
             print(f"Cluster.cleanup: {exc!r}")
+
+    def _remove_local_link(self, node: ClusterNode) -> None:
+        """The node's local link socket, which a node killed with SIGKILL leaves behind."""
+        path = credentials_path(self.blockdir)
+        if path.exists():
+            link_path(load_credentials(path).cluster_key, node.address).unlink(missing_ok=True)
 
     def leftovers(self) -> list[str]:
         """What cleanup failed to remove (for the finalizer's check)."""

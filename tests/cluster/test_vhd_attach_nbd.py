@@ -192,6 +192,8 @@ def test_writes_go_on_when_the_serving_node_is_killed(new_cluster: Callable[...,
         assert writer.returncode == 0 and "error" not in output.lower(), output
         rerouted = f"node {cluster.nodes[victim].name} is gone: routing the session again"
         assert rerouted in attachment.log(), attachment.log()
+        # Nodes and attachment on one host, as root: the session uses the local link.
+        assert re.search(r"session \S+ on node n[13] \(local link\)", attachment.log())
         qemu_io(nbd_uri(socket), *(w.replace("write", "read") for w in writes))
     survivor = cluster.mnt(2) / "vms" / "failover.vhd"
     copy = tmp_path / "copy.raw"

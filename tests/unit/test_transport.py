@@ -7,6 +7,8 @@ import gc
 import logging
 import os
 import socket
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -522,3 +524,34 @@ async def test_the_port_is_free_as_soon_as_run_returns() -> None:
     address = free_address()
     for round_ in range(100):  # stops at the first failure, near certain while the race exists
         await serve_one_round(address, round_)
+
+
+_STOP_WHILE_REFUSED = """
+import trio
+from clusterfs.credentials import Credentials
+from clusterfs.txn.transport import ClientTransport, Transport, new_keypair
+
+async def main(address):
+    cluster = Credentials(*new_keypair())
+    stranger = Credentials(*new_keypair(), server_key=cluster.public_key)
+    for delay_s in (0, 0.001, 0.002, 0.005, 0.01, 0.02) * 2:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Transport("a", address, lambda name: None, cluster).run)
+            client = ClientTransport("key-x", stranger, lambda *a: None, lambda *a: None)
+            await nursery.start(client.run)
+            client.connect(address)  # refused by ZAP about when both stop
+            await trio.sleep(delay_s)
+            nursery.cancel_scope.cancel()
+
+trio.run(main, {address!r})
+"""
+
+
+def test_a_client_stopped_while_its_connection_is_refused_stops() -> None:
+    """libzmq's I/O thread blocks reporting a handshake failure to a monitor whose end we
+    closed, holding the lock that stopping the monitor needs: that hung the process. In a
+    child process, so that a hang fails the test instead of the run."""
+    script = _STOP_WHILE_REFUSED.format(address=free_address())
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
