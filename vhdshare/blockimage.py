@@ -43,10 +43,13 @@ class ImageError(Exception):
 
 @runtime_checkable
 class BlockImage(Protocol):
-    """A disk addressed by 512-byte sectors."""
+    """A disk addressed by 512-byte sectors. `writes_in_place`: every write, unmap and
+    zeroing changes only the sectors' own bytes in the file (no allocation, no metadata), so
+    several may run at once."""
 
     sector_size: int
     size_bytes: int
+    writes_in_place: bool
 
     def read(self, lba: int, count: int) -> bytes: ...
 
@@ -225,6 +228,7 @@ class RawImage:
     """A plain file used as a disk: sector n is at byte n*512."""
 
     sector_size = SECTOR_SIZE
+    writes_in_place = True
 
     def __init__(self, path: str | os.PathLike[str], writable: bool = False,
                  direct: bool = False) -> None:

@@ -57,6 +57,8 @@ DYNAMIC_TABLE_OFFSET = VHD_FOOTER.size + VHD_DYNAMIC_HEADER.size  # 1536, as qem
 class FixedImage(VhdFile):
     """A fixed VHD: the disk's bytes, then the footer."""
 
+    writes_in_place = True
+
     def __init__(self, fd: int, path: str, footer: Any, file_size_bytes: int,
                  writable: bool, shared: bool = False) -> None:
         super().__init__(fd, path, footer, file_size_bytes, writable, shared)

@@ -21,9 +21,11 @@ any node (after a failover) gets that answer and is not applied twice.
 
 Commands of one disk run side by side on a node (a VM keeps many in flight), each with a
 `Target` of its own on the shared image, in a worker thread unless they cannot block for
-long (`_runs_inline`). Commands that change the medium run one at a time per disk and node:
-the growth lock between nodes is a file lock, which does not keep apart the threads of one
-process, and a dynamic disk's bitmaps are read, changed and written back. Disks idle for
+long (`_runs_inline`). On a dynamic disk, commands that change the medium run one at a
+time per disk and node: the growth lock between nodes is a file lock, which does not keep
+apart the threads of one process, and a dynamic disk's bitmaps are read, changed and
+written back. A fixed disk's writes change only their own sectors and run side by side,
+as on a real disk, where the order of overlapping commands in flight is not defined. Disks idle for
 `IDLE_CLOSE_S` are closed. Bad packets are EBADMSG for the TUNNEL call; a
 file that cannot be opened as a disk is EIO with the reason; SCSI errors are SCSI answers.
 """
@@ -114,7 +116,7 @@ class Unpacker:
         disk.commands_running += 1
         try:
             if request_features(request.cdb, request.data_length_bytes).op_class \
-                    is OpClass.WRITE:
+                    is OpClass.WRITE and not disk.image.writes_in_place:
                 async with disk.write_lock:
                     response = await self._execute(disk, request)
             else:

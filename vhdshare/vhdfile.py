@@ -70,6 +70,7 @@ class VhdFile:
     """An open VHD file: its descriptor, footer, size and read/write mode."""
 
     sector_size = SECTOR_SIZE
+    writes_in_place = False
 
     def __init__(self, fd: int, path: str, footer: Footer, file_size_bytes: int,
                  writable: bool, shared: bool = False) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,8 @@ from tests.ops.conftest import Rig
 from vhdshare import directio, diskstate
 from vhdshare import initiator as cdbs
 from vhdshare.check import check_image
-from vhdshare.image import create_image
+from vhdshare.dynamic import DynamicImage
+from vhdshare.image import FixedImage, create_image
 from vhdshare.reservations import PrInAction, PrOutAction, PrType
 from vhdshare.scsi import SenseKey, Status
 from vhdshare.tunnel import (
@@ -75,13 +78,17 @@ def read_keys(request_id: int, initiator: str) -> TunnelRequest:
                    data_in=cdbs.PR_IN_ALLOCATION_BYTES)
 
 
-async def make_disk(rig: Rig, tmp_path: Path, name: str = "/disk.vhd") -> None:
-    """A 16 MiB dynamic VHD at `name` in the namespace, written through the file protocol."""
-    create_image(tmp_path / "template.vhd", 16 * MIB, "dynamic")
+async def make_disk(rig: Rig, tmp_path: Path, name: str = "/disk.vhd",
+                    kind: str = "dynamic") -> None:
+    """A 16 MiB VHD at `name` in the namespace, written through the file protocol."""
+    create_image(tmp_path / "template.vhd", 16 * MIB, kind)
     ops, handles = FileOps(rig.fs), set[int]()
     opened = await ops.run(m.Open(name, os.O_RDWR | os.O_CREAT), handles)
     assert isinstance(opened, m.Handle)
-    await ops.run(m.Write(opened.handle, 0, (tmp_path / "template.vhd").read_bytes()), handles)
+    image = (tmp_path / "template.vhd").read_bytes()
+    for offset in range(0, len(image), m.MAX_IO_BYTES):
+        await ops.run(m.Write(opened.handle, offset, image[offset : offset + m.MAX_IO_BYTES]),
+                      handles)
     ops.close_all(handles)
 
 
@@ -199,6 +206,47 @@ async def test_the_disk_state_is_refused_on_a_directory(rig: Rig) -> None:
     with pytest.raises(NamespaceError) as caught:
         await rig.fs.set_disk_state(1, b"", b"x")
     assert caught.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize(("kind", "image_class", "side_by_side"),
+                         [("fixed", FixedImage, True), ("dynamic", DynamicImage, False)])
+async def test_a_fixed_disks_writes_run_side_by_side(
+        rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str,
+        image_class: type[FixedImage | DynamicImage], side_by_side: bool) -> None:
+    """Eight writes sent at once: on a fixed disk each changes only its own sectors, so
+    they overlap (as on a real disk); a dynamic disk's take turns. All land either way."""
+    in_flight, most = 0, 0
+    count_lock = threading.Lock()
+    write = image_class.write
+
+    def counted_write(self: FixedImage | DynamicImage, lba: int, data: bytes) -> None:
+        nonlocal in_flight, most
+        with count_lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        try:
+            time.sleep(0.05)  # long enough for the others to start, were they allowed to
+            write(self, lba, data)  # type: ignore[arg-type]
+        finally:
+            with count_lock:
+                in_flight -= 1
+
+    monkeypatch.setattr(image_class, "write", counted_write)
+    await make_disk(rig, tmp_path, kind=kind)
+    node = Node(rig)
+    await node.open("/disk.vhd")
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(8):
+                nursery.start_soon(node.send, command(n + 1, "h", cdbs.write16(
+                    n * 256, 128), bytes([n + 1]) * 65536))
+        for n in range(8):
+            back = await node.send(command(20 + n, "h", cdbs.read16(n * 256, 128),
+                                           data_in=65536))
+            assert back.data_in == bytes([n + 1]) * 65536, n
+    finally:
+        node.close()
+    assert (most > 1) is side_by_side, most
 
 
 async def test_commands_sent_together_grow_the_disk_once_per_block(nodes: list[Node]) -> None:

@@ -36,6 +36,7 @@ class MemoryImage:
     """A BlockImage in a bytearray; any access outside the disk fails the test."""
 
     sector_size = SECTOR
+    writes_in_place = True
 
     def __init__(self, sectors: int) -> None:
         self.size_bytes = sectors * SECTOR
