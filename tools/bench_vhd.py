@@ -449,7 +449,8 @@ def header_lines(args: argparse.Namespace, tunnel: Tunnel | None) -> list[str]:
     if tunnel is not None:
         modes = ", ".join(f"{kind} {mode}" for kind, mode in tunnel.open_modes.items())
         lines.append(
-            f"tunnel: RemoteDisk in this process -> file protocol (loopback) -> node "
+            f"tunnel: RemoteDisk in this process -> file protocol over "
+            f"{frontends.link_to(tunnel.cluster.nodes[0])} -> node "
             f"{tunnel.node or '?'} of {len(tunnel.cluster.nodes)} (`clusterfs mount -f`"
             f"{', same CPU' if args.pin is not None else ''}), its unpacker on a VHD in the "
             f"block directory, opened by the node {modes or '?'} (local layers: page cache); "

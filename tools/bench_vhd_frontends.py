@@ -54,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_cluster  # sibling script, not a package
 
 from clusterfs.blockdir import BlockDir
-from clusterfs.credentials import credentials_path
+from clusterfs.credentials import credentials_path, load_credentials
+from clusterfs.txn import local_link
 from vhdshare.image import create_image
 
 REPEATS = 3
@@ -189,6 +190,14 @@ def tool(name: str) -> str:
     if path is None:
         raise Unavailable(f"{name} is not installed")
     return path
+
+
+def link_to(node: bench_cluster.Node) -> str:
+    """How a client on this host reaches `node`: over the local link or TCP with CURVE."""
+    credentials = load_credentials(credentials_path(node.blocks))
+    if local_link.client_path(credentials, node.listen) is not None:
+        return "the local link (a unix socket, no CURVE)"
+    return "loopback TCP with CURVE"
 
 
 def start_attach(stack: contextlib.ExitStack, cluster: bench_cluster.Cluster, disk: Disk,
@@ -457,10 +466,11 @@ def header_lines(settings: Settings, cluster: bench_cluster.Cluster | None,
     if cluster is not None:
         lines.append(
             f"vhdshare-nbd, vhdshare-iscsi: `vhdshare attach --nbd unix:SOCKET`, `--iscsi "
-            f"127.0.0.1:PORT --target-name IQN` (LUN 0) -> file protocol (loopback) -> a node "
-            f"of {len(cluster.nodes)} (`clusterfs mount -f`), its unpacker on the VHD in the "
-            f"block directory, which it opens with O_DIRECT; a disk's reads run side by side "
-            f"on the node, its writes take turns")
+            f"127.0.0.1:PORT --target-name IQN` (LUN 0) -> file protocol over "
+            f"{link_to(cluster.nodes[0])} -> a node of {len(cluster.nodes)} (`clusterfs mount "
+            f"-f`), its unpacker on the VHD in the block directory, which it opens with "
+            f"O_DIRECT; a disk's commands run side by side on the node (a dynamic disk's "
+            f"writes take turns)")
     return lines + [
         f"qemu-nbd {version('qemu-nbd')} -f vpc --cache=none --aio=native -t, unix socket, on "
         f"the same VHD file; tgtd {version('tgtd')} (our own: -f -C N --iscsi "
