@@ -303,6 +303,7 @@ class Tunnel:
     credentials: Credentials
     node: str = ""  # the node that served the last disk's session
     open_modes: dict[str, str] = field(default_factory=dict)  # disk kind -> how the node has it
+    link: str = "?"  # how this process reaches the node (while the cluster runs)
 
     def measure(self, kind: str, size_bytes: int, seconds: float) -> dict[str, Result]:
         """Every workload on a fresh disk of `kind` in the cluster, in one trio.run."""
@@ -312,6 +313,7 @@ class Tunnel:
         results: dict[str, Result] = {}
         run_trio(self._measure, f"/{local_path.name}", size_bytes, seconds, results)
         self.open_modes[kind] = self._open_mode(backing)
+        self.link = frontends.link_to(self.cluster.nodes[0])
         return results
 
     def _open_mode(self, backing: str) -> str:
@@ -449,8 +451,7 @@ def header_lines(args: argparse.Namespace, tunnel: Tunnel | None) -> list[str]:
     if tunnel is not None:
         modes = ", ".join(f"{kind} {mode}" for kind, mode in tunnel.open_modes.items())
         lines.append(
-            f"tunnel: RemoteDisk in this process -> file protocol over "
-            f"{frontends.link_to(tunnel.cluster.nodes[0])} -> node "
+            f"tunnel: RemoteDisk in this process -> file protocol over {tunnel.link} -> node "
             f"{tunnel.node or '?'} of {len(tunnel.cluster.nodes)} (`clusterfs mount -f`"
             f"{', same CPU' if args.pin is not None else ''}), its unpacker on a VHD in the "
             f"block directory, opened by the node {modes or '?'} (local layers: page cache); "
