@@ -67,6 +67,9 @@ from queue import Empty
 from types import FrameType
 from typing import Any
 
+from clusterfs.credentials import credentials_path, load_credentials
+from clusterfs.txn.local_link import link_path
+
 OPS = ("create", "mkdir", "rename", "unlink")
 CLUSTER_NODES = 3
 SIZES = (1, CLUSTER_NODES)
@@ -347,6 +350,14 @@ class Node:
         if os.path.ismount(self.mountpoint):
             log(f"{self.name}: lazy unmount of {self.mountpoint}")
             subprocess.run(["umount", "-l", str(self.mountpoint)], check=False, timeout=60)
+        self.remove_local_link()
+
+    def remove_local_link(self) -> None:
+        """The local link socket a node killed with SIGKILL leaves in /run/clusterfs."""
+        credentials = credentials_path(self.blocks)
+        if self.listen and credentials.exists():
+            link_path(load_credentials(credentials).cluster_key, self.listen).unlink(
+                missing_ok=True)
 
 
 @dataclass
@@ -942,6 +953,7 @@ def kill_and_measure(cluster: Cluster, victim: Node, survivor: Node) -> dict[str
     killed_at_s = time.time()
     victim.proc.kill()
     victim.proc.wait()
+    victim.remove_local_link()
     time_create(probe)
     first_create_s = time.time() - killed_at_s
     removed_at_s, epoch = view_change_after(survivor, victim.name, killed_at_s - 0.01)
