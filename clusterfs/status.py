@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,16 +113,28 @@ def parse_mount_source(source: str) -> MountSource | None:
 def node_of_mount(mountpoint: Path) -> MountSource:
     """The node serving `mountpoint`, from the mount's source."""
     target = os.path.realpath(mountpoint)
+    for point, fs_type, source in _mounts():
+        if point == target and fs_type.startswith("fuse"):
+            found = parse_mount_source(source)
+            if found is not None:
+                return found
+    raise StatusError(f"{mountpoint}: not a clusterfs mount point")
+
+
+def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
+    """Whether something is mounted on `mountpoint`, also a FUSE mount whose process died
+    (where os.path.ismount meets ENOTCONN and says False)."""
+    target = os.path.realpath(mountpoint)
+    return any(point == target for point, _, _ in _mounts())
+
+
+def _mounts() -> Iterator[tuple[str, str, str]]:
+    """(mount point, file system type, source) of every mount this process sees."""
     with open("/proc/self/mountinfo", "rb") as mountinfo:
         for raw in mountinfo:
             fields = [_unescape(os.fsdecode(field)) for field in raw.split()]
             separator = fields.index("-")
-            if fields[4] != target or not fields[separator + 1].startswith("fuse"):
-                continue
-            found = parse_mount_source(fields[separator + 2])
-            if found is not None:
-                return found
-    raise StatusError(f"{mountpoint}: not a clusterfs mount point")
+            yield fields[4], fields[separator + 1], fields[separator + 2]
 
 
 def _unescape(field: str) -> str:

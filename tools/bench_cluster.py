@@ -68,6 +68,7 @@ from types import FrameType
 from typing import Any
 
 from clusterfs.credentials import credentials_path, load_credentials
+from clusterfs.status import is_mounted
 from clusterfs.txn.local_link import link_path
 
 OPS = ("create", "mkdir", "rename", "unlink")
@@ -347,7 +348,7 @@ class Node:
                     proc.wait(STOP_WAIT_S)
             if proc.poll() not in (0, None):
                 log(f"{self.name}: PID {proc.pid} exited {proc.returncode}: {self.log_tail()}")
-        if os.path.ismount(self.mountpoint):
+        if is_mounted(self.mountpoint):  # a dead node's mount too
             log(f"{self.name}: lazy unmount of {self.mountpoint}")
             subprocess.run(["umount", "-l", str(self.mountpoint)], check=False, timeout=60)
         self.remove_local_link()
@@ -863,6 +864,15 @@ def make_config(args: argparse.Namespace) -> Config:
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_stop_signals() -> None:
+    """Outside trio, SIGTERM and SIGHUP act as Ctrl-C, so that whatever was started is
+    stopped (inside, trio's own handlers do); SIGINT gets Python's own handler even if it
+    was ignored (a background job)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass

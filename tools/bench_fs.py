@@ -44,6 +44,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from clusterfs.status import is_mounted
+
 MIB = 1 << 20
 SMALL_FILE_BYTES = 4096
 TARGETS = ("native", "passthrough", "clusterfs")
@@ -435,13 +437,13 @@ class Daemon:
     def stop(self) -> None:
         """umount, wait for the daemon; SIGTERM, then SIGKILL it by PID if it lingers."""
         try:
-            if os.path.ismount(self.mountpoint):
+            if is_mounted(self.mountpoint):
                 subprocess.run(["umount", str(self.mountpoint)], check=False, timeout=60,
                                stderr=subprocess.DEVNULL)
             if self.proc is not None:
                 self._reap(self.proc)
         finally:
-            if os.path.ismount(self.mountpoint):
+            if is_mounted(self.mountpoint):  # a dead daemon's mount too
                 log(f"{self.name}: lazy unmount of {self.mountpoint}")
                 subprocess.run(["umount", "-l", str(self.mountpoint)], check=False, timeout=60)
 
@@ -768,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"interrupted ({exc}); cleaned up")
         return 130
     finally:
-        mounted = [p for p in work.iterdir() if os.path.ismount(p)]
+        mounted = [p for p in work.iterdir() if is_mounted(p)]
         if mounted:
             log(f"NOT removing {work}: still mounted: {mounted}")
         else:

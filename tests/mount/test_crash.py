@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from clusterfs import status
 from tests.mount.crash_workload import expected_trees, read_log, snapshot
 from tests.util import ClusterfsMount
 
@@ -134,7 +135,10 @@ def test_kill9_with_unlinked_open_file(fresh_mount: ClusterfsMount) -> None:
     finally:
         with contextlib.suppress(OSError):  # the connection is gone
             os.close(fd)
+    # What cleanup paths must ask: os.path.ismount meets ENOTCONN on a dead FUSE mount.
+    assert status.is_mounted(m.mountpoint) and not os.path.ismount(m.mountpoint)
     m.unmount_dead()
+    assert not status.is_mounted(m.mountpoint)
     m.start()
     assert os.listdir(m.mountpoint) == ["keep"]
     assert (m.mountpoint / "keep").read_bytes() == b"keep"
