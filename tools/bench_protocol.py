@@ -63,7 +63,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import trio
@@ -650,10 +649,6 @@ def make_settings(args: argparse.Namespace) -> Settings:
                     can_drop_caches=drop_caches())
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def missing_figures(report: Report) -> list[str]:
     """The figures a complete run has and this one lacks (the exit status says so)."""
     missing = [f"session opens {label}" for label, opens in
@@ -666,12 +661,7 @@ def missing_figures(report: Report) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     s = make_settings(args)
-    # Outside trio (starting and stopping the cluster) SIGTERM and SIGHUP act as Ctrl-C;
-    # inside, trio's handlers do (`measure`). SIGINT gets Python's own handler even if it
-    # was ignored (a background job): trio then takes it over and delivers it safely.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    bench_cluster.interrupt_on_stop_signals()  # inside trio, `measure`'s handlers do
     work = Path(tempfile.mkdtemp(prefix="bench_protocol-", dir=args.workdir))
     log(f"command: {shlex.join(sys.orig_argv)}; work dir {work}")
     started_s = time.monotonic()

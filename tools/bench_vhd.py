@@ -56,7 +56,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import trio
@@ -564,19 +563,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.pin is not None:
         os.sched_setaffinity(0, {args.pin})
-    # Outside trio SIGTERM and SIGHUP act as Ctrl-C (inside, `interrupt_on` does), so that
-    # the nodes are stopped; SIGINT gets Python's own handler even if it was ignored.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    bench_cluster.interrupt_on_stop_signals()  # inside trio, `interrupt_on` does
     workdir = Path(tempfile.mkdtemp(prefix="bench-vhd-", dir=args.dir))
     try:
         run = bench(args, workdir)

@@ -45,7 +45,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -576,17 +575,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.pin is not None:
         os.sched_setaffinity(0, {args.pin})
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: everything is stopped
-        signal.signal(sig, _raise_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    bench_cluster.interrupt_on_stop_signals()
     settings = Settings(args.size_mib, args.seconds, args.depths, args.kinds, args.pin)
     work = Path(tempfile.mkdtemp(prefix="bench-vhd-frontends-", dir=args.dir))
     notes: list[str] = []
