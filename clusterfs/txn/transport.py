@@ -27,12 +27,13 @@ messages).
 Every connection is authenticated and encrypted with CURVE: each node is a CURVE server and
 client with the cluster's key pair (`clusterfs.credentials`), and its ZAP handler admits a
 client only if it proves it holds that pair's secret key, or an authorised client key's; a
-refused connection is logged at most every ten seconds per address. The one exception is
-a client on the node's own host, which may use the local link (`local_link`: a unix
-socket, PLAIN with a password only holders of the secret key know, the protocol only).
-A stranger's messages never reach a handler. ZAP marks a connection made with a client
-key or over the local link (its User-Id), and what such a connection sends reaches the
-file protocol's handler only.
+refused connection is logged at most every ten seconds per address. A stranger's messages
+never reach a handler. ZAP marks a connection made with a client key (its User-Id), and
+what such a connection sends reaches the file protocol's handler only. The one way in
+without ZeroMQ is the local link, for a client on the node's own host (`local_link`: a
+unix socket, a password only holders of the secret key know, the file protocol only),
+which `run` serves beside the ROUTER (`local_stream.LinkServer`); `reply` answers a client
+on whichever of the two it is connected.
 
 Sending is best effort: the protocol cores resend what matters, so a message that cannot be
 queued (high-water mark reached, unknown destination) is dropped with a debug line. Messages
@@ -42,12 +43,12 @@ to this node itself never touch zmq; the layers deliver those inline.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import os
 import uuid
 from collections.abc import Callable, Set
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 import trio
@@ -55,7 +56,9 @@ import zmq
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
-from clusterfs.txn import local_link
+from clusterfs.txn import local_link, local_stream
+from clusterfs.txn.local_link import LinkError
+from clusterfs.txn.local_stream import LinkServer, LinkSocket
 
 if TYPE_CHECKING:
     from clusterfs.credentials import Credentials
@@ -82,7 +85,6 @@ CLIENT_IDENTITY_PREFIX = "cli-"  # holders of the cluster's credentials (command
 CLIENT_KEY_IDENTITY_PREFIX = "key-"  # holders of an authorised client key
 USER_CLUSTER = b"cluster"  # ZAP User-Id of a connection made with the cluster's key pair
 USER_CLIENT_KEY = b"client-key"  # ... and with an authorised client key: the protocol only
-USER_LOCAL = b"local"  # ... and over the local link (`local_link`): the protocol only
 
 Handler = Callable[[str, bytes], None]
 ControlHandler = Callable[[bytes], bytes]
@@ -107,12 +109,10 @@ def public_key_of(secret_key: bytes) -> bytes:
 
 
 def zap_reply(request: list[bytes], public_key: bytes,
-              client_keys: Set[bytes] = frozenset(), local_password: bytes = b""
-              ) -> tuple[list[bytes], str]:
+              client_keys: Set[bytes] = frozenset()) -> tuple[list[bytes], str]:
     """The reply to one ZAP request (RFC 27): a CURVE client whose key is the cluster's
     public key (`public_key`, Z85) is admitted as USER_CLUSTER, and one whose key is among
-    `client_keys` (Z85) as USER_CLIENT_KEY; a PLAIN client (only the local link accepts
-    PLAIN) with `local_password` as USER_LOCAL. Also the reason for a refusal, or ''."""
+    `client_keys` (Z85) as USER_CLIENT_KEY. Also the reason for a refusal, or ''."""
     if len(request) < 6:
         request_id = request[1] if len(request) > 1 else b""
         return _zap(request_id, b"400", "malformed request"), "malformed request"
@@ -121,11 +121,6 @@ def zap_reply(request: list[bytes], public_key: bytes,
         credentials[0]) == 32 else b""
     if version != ZAP_VERSION:
         reason = "unknown ZAP version"
-    elif mechanism == b"PLAIN" and local_password:
-        if credentials[:1] == [local_link.PLAIN_USERNAME] and len(credentials) == 2 \
-                and hmac.compare_digest(credentials[1], local_password):
-            return _zap(request_id, b"200", "OK", USER_LOCAL), ""
-        reason = "not the cluster's local link password"
     elif mechanism != b"CURVE":
         reason = f"mechanism {mechanism[:16]!r}, not CURVE"
     elif credentials == [z85.decode(public_key)]:
@@ -178,6 +173,7 @@ class Transport:
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
         self._router: zmq.Socket[bytes] | None = None
         self._router_wait: dict[str, trio.CancelScope] = {}  # while the receive task waits
+        self._local: LinkServer | None = None  # the local link, while it listens
         self.local_link: str | None = None  # the local link's socket path, once bound
 
     def on(self, channel: bytes, handler: Handler) -> None:
@@ -204,6 +200,9 @@ class Transport:
     def reply(self, identity: str, channel: bytes, payload: bytes) -> None:
         """Send `payload` back to a peer that spoke to this node's listen address (a file
         protocol client) without waiting; dropped if it cannot be queued."""
+        if self._local is not None and channel == CHANNEL_PROTOCOL \
+                and self._local.send(identity, payload):
+            return
         router = self._router
         if router is None:
             return
@@ -235,11 +234,11 @@ class Transport:
             except zmq.ZMQError as exc:
                 raise TransportError(f"cannot listen on {self.listen}: {exc.strerror}"
                                      ) from None
-            self._bind_local_link(router)
             monitor = router.get_monitor_socket(_HANDSHAKE_FAILED)
             self._closed = False
             self._router = router
             async with trio.open_nursery() as nursery:
+                await self._start_local_link(nursery)  # while the port is ours (see there)
                 nursery.start_soon(self._serve_zap, zap)
                 nursery.start_soon(self._log_failed_handshakes, router, monitor)
                 task_status.started()
@@ -247,10 +246,8 @@ class Transport:
         finally:
             self._closed = True
             self._router = None
-            if self.local_link is not None:  # while the port is ours: no new owner's socket
-                with contextlib.suppress(OSError):
-                    os.unlink(self.local_link)
-                self.local_link = None
+            self._local = None  # its socket is removed by now, while the port was ours
+            self.local_link = None
             router.close()
             zap.close()
             for dealer in self._dealers.values():
@@ -258,28 +255,35 @@ class Transport:
             self._dealers.clear()
             context.term()  # returns at once: every socket has linger 0
 
-    def _bind_local_link(self, router: zmq.Socket[bytes]) -> None:
-        """Also listen on the local link (`local_link`), if this node can. ZeroMQ takes a
-        listener's mechanism when it binds: the TCP listener stays CURVE only."""
+    async def _start_local_link(self, nursery: trio.Nursery) -> None:
+        """Also listen on the local link (`local_link`), if this node can. Only the holder
+        of the address's port binds its path, so a socket found there is a dead node's."""
         path = local_link.server_path(self._credentials, self.listen)
         if path is None:
             log.debug("no local link: not root, or %s is not private", local_link.LOCAL_LINK_DIR)
             return
-        router.setsockopt(zmq.PLAIN_SERVER, 1)
+        server = LinkServer(path, local_link.password(self._credentials),
+                            CLIENT_IDENTITY_PREFIX, MAX_PAYLOAD_BYTES, self._on_local_message,
+                            lambda reason: self._log_refusal("the local link", reason))
         try:
-            router.bind(f"ipc://{path}")
-        except zmq.ZMQError as exc:
+            await nursery.start(server.run)
+        except OSError as exc:
             log.warning("no local link at %s: %s", path, exc.strerror)
             return
+        self._local = server
         self.local_link = str(path)
+
+    def _on_local_message(self, identity: str, payload: bytes) -> None:
+        handler = self._handlers.get(CHANNEL_PROTOCOL)  # the local link carries nothing else
+        if handler is not None:
+            handler(identity, payload)
 
     async def _serve_zap(self, zap: zmq.Socket[bytes]) -> None:
         """Answer libzmq's authentication requests for the ROUTER's new connections."""
         while True:
             request = await receive_multipart(zap)
-            reply, refusal = zap_reply(
-                request, self._credentials.public_key, self._client_keys(),
-                local_link.password(self._credentials) if self.local_link else b"")
+            reply, refusal = zap_reply(request, self._credentials.public_key,
+                                       self._client_keys())
             zap.send_multipart(reply)
             if refusal:
                 self._log_refusal(request[3].decode(errors="replace") if len(request) > 3
@@ -324,10 +328,8 @@ class Transport:
                             len(parts), channel[:8])
                 continue
             if channel != CHANNEL_PROTOCOL and parts[0].get("User-Id") != USER_CLUSTER.decode():
-                who = "the local link" if parts[0].get("User-Id") == USER_LOCAL.decode() \
-                    else "a client key"
                 self._log_refusal(identity.decode(errors="replace"),
-                                  f"{who} may only use the file protocol (channel "
+                                  f"a client key may only use the file protocol (channel "
                                   f"{channel[:8]!r})")
                 continue
             if channel == CHANNEL_CONTROL:
@@ -519,8 +521,9 @@ def _client_context() -> zmq.Context[Any]:
 
 class ClientTransport:
     """A file protocol client's side: one DEALER per node address, all with one identity,
-    and CURVE with the cluster's credentials, or the local link to a node on this host;
-    `run` serves until cancelled.
+    and CURVE with the cluster's credentials, or the local link to a node on this host
+    (whether a node has one is settled at the first message to it; a broken local link is
+    connected again at the next message); `run` serves until cancelled.
 
     Messages from node `address` go to `on_message(address, payload)`; a node that refuses
     the credentials is reported once per connection to `on_refused(address, reason)`."""
@@ -535,6 +538,8 @@ class ClientTransport:
         self._context: zmq.Context[Any] | None = None
         self._nursery: trio.Nursery | None = None
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
+        self._link_paths: dict[str, Path] = {}  # node address -> its local link
+        self._links: dict[str, LinkSocket] = {}  # ... and the connection there, while open
         self.local_links: dict[str, bool] = {}  # node address -> reached over the local link
         # A send on a DEALER can take the edge its receive task waits for: it wakes it.
         self._waits: dict[str, trio.CancelScope] = {}
@@ -552,10 +557,20 @@ class ClientTransport:
             for dealer in self._dealers.values():  # their monitors are stopped by now
                 dealer.close()
             self._dealers.clear()
+            for link in self._links.values():  # what was sent is in the kernel's hands
+                link.close()
+            self._links.clear()
 
     def connect(self, address: str) -> None:
         """Start talking to the node at `address` (HOST:PORT); no-op if already."""
-        if address in self._dealers or self._context is None or self._nursery is None:
+        if address in self._dealers or address in self._link_paths or self._context is None \
+                or self._nursery is None:
+            return
+        path = local_link.client_path(self._credentials, address)
+        self.local_links[address] = path is not None
+        if path is not None:  # the node is on this host: no CURVE, no ZeroMQ
+            self._link_paths[address] = path
+            self._open_link(address)
             return
         dealer = self._context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, CLIENT_LINGER_MS)  # a last CloseSession goes out
@@ -564,15 +579,9 @@ class ClientTransport:
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         dealer.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES)
-        link = local_link.client_path(self._credentials, address)
-        if link is None:
-            curve_client(dealer, self._credentials)
-        else:  # the node is on this host: no CURVE (see `local_link`)
-            dealer.setsockopt(zmq.PLAIN_USERNAME, local_link.PLAIN_USERNAME)
-            dealer.setsockopt(zmq.PLAIN_PASSWORD, local_link.password(self._credentials))
+        curve_client(dealer, self._credentials)
         monitor = dealer.get_monitor_socket(_HANDSHAKE_FAILED)
-        dealer.connect(endpoint(address) if link is None else f"ipc://{link}")
-        self.local_links[address] = link is not None
+        dealer.connect(endpoint(address))
         self._dealers[address] = dealer
         self._nursery.start_soon(self._receive, address, dealer)
         self._nursery.start_soon(self._watch_handshakes, address, dealer, monitor)
@@ -581,6 +590,11 @@ class ClientTransport:
         """Send to the node at `address` without waiting (dropped if it cannot be queued:
         the client's calls time out and are retried)."""
         self.connect(address)
+        if address in self._link_paths:
+            link = self._links.get(address) or self._open_link(address)
+            if link is None or not link.send(payload):
+                log.debug("send to %s over the local link dropped", address)
+            return
         dealer = self._dealers.get(address)
         if dealer is None:
             return
@@ -590,6 +604,47 @@ class ClientTransport:
         except zmq.ZMQError as exc:
             log.debug("send to %s dropped: %s", address, exc)
         _wake(self._waits, address)
+
+    def _open_link(self, address: str) -> LinkSocket | None:
+        """Connect to the local link of the node at `address` and say the hello; None if
+        no node listens there now (the message is dropped; the next one tries again)."""
+        if self._nursery is None:
+            return None
+        try:
+            link = local_stream.connect(self._link_paths[address], MAX_PAYLOAD_BYTES)
+        except OSError as exc:
+            log.debug("local link to %s: %s", address, exc.strerror)
+            return None
+        try:
+            self._nursery.start_soon(self._receive_link, address, link)
+        except RuntimeError:  # closed to new tasks: `run` is ending
+            link.close()
+            return None
+        link.send(local_link.hello(self._credentials, self.identity))
+        self._links[address] = link
+        return link
+
+    async def _receive_link(self, address: str, link: LinkSocket) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.flush)
+            try:
+                await self._receive_from_link(address, link)
+            except LinkError as exc:
+                log.warning("local link to %s broken: %s", address, exc)
+            nursery.cancel_scope.cancel()
+        # Not when cancelled: `run` closes the links last, after a client's final message.
+        link.close()
+        if self._links.get(address) is link:
+            del self._links[address]
+
+    async def _receive_from_link(self, address: str, link: LinkSocket) -> None:
+        answer = await link.receive()
+        refusal = "" if answer is None else local_link.parse_answer(answer)
+        if refusal:
+            self._on_refused(address, refusal)
+        elif answer is not None:
+            while (payload := await link.receive()) is not None:
+                self._on_message(address, payload)
 
     async def _receive(self, address: str, dealer: zmq.Socket[bytes]) -> None:
         while True:
