@@ -41,6 +41,7 @@ No other exception escapes for any input bytes.  The wire format — records, co
 
 from __future__ import annotations
 
+import collections
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -167,6 +168,66 @@ _TRANSITIONS: dict[tuple[State, Input], State] = {
 }  # anything else, INVALID included, leads to ERROR
 
 
+class _Received:
+    """Bytes received and not yet parsed, kept as the pieces they came in: a 1 MiB write
+    arrives in pieces of ~200 KiB (the client's socket buffer), and appending them to one
+    growing buffer would copy the payload again at every reallocation. Taking copies once."""
+
+    def __init__(self) -> None:
+        self._pieces: collections.deque[bytes] = collections.deque()
+        self._start = 0  # where the first piece's unread part begins
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self._pieces.append(data)
+            self._size += len(data)
+
+    def peek(self, size: int) -> bytes:
+        """The first `size` bytes (fewer if fewer are here), left in place."""
+        first = self._pieces[0] if self._pieces else b""
+        if len(first) - self._start >= size:
+            return first[self._start : self._start + size]
+        return self._join(min(size, self._size), consume=False)
+
+    def take(self, size: int) -> bytes:
+        """The first `size` bytes (all here), removed."""
+        first = self._pieces[0] if self._pieces else b""
+        if self._start == 0 and len(first) == size:  # a piece that is exactly the payload
+            self._pieces.popleft()
+            self._size -= size
+            return first
+        return self._join(size, consume=True)
+
+    def _join(self, size: int, consume: bool) -> bytes:
+        parts, needed, start = [], size, self._start
+        for piece in self._pieces:
+            if not needed:
+                break
+            view = memoryview(piece)[start : start + needed]
+            parts.append(view)
+            needed -= len(view)
+            start = 0
+        data = b"".join(parts)
+        if consume:
+            self._consume(size)
+        return data
+
+    def _consume(self, size: int) -> None:
+        self._size -= size
+        while size:
+            room = len(self._pieces[0]) - self._start
+            if size < room:
+                self._start += size
+                return
+            size -= room
+            self._pieces.popleft()
+            self._start = 0
+
+
 @dataclass(frozen=True, slots=True)
 class _Pending:
     command: Command
@@ -181,7 +242,7 @@ class NbdServerConnection:
     def __init__(self, exports: Mapping[str, Export]) -> None:
         self.exports = exports
         self.state = State.AWAIT_CLIENT_FLAGS
-        self._buffer = bytearray()
+        self._buffer = _Received()
         self._eof = False
         self._out = bytearray(GREETING.pack(NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE
                                             | HandshakeFlag.NO_ZEROES))
@@ -228,7 +289,7 @@ class NbdServerConnection:
         if not data:
             self._eof = True
             return
-        self._buffer += data
+        self._buffer.append(data)
 
     def next_event(self) -> Event | NeedData:
         while True:
@@ -268,14 +329,7 @@ class NbdServerConnection:
         return False
 
     def _take(self, size: int) -> bytes:
-        if size == len(self._buffer):
-            data = bytes(self._buffer)
-            self._buffer.clear()
-            return data
-        with memoryview(self._buffer) as view:  # one copy: a write payload may be 32 MiB
-            data = bytes(view[:size])
-        del self._buffer[:size]
-        return data
+        return self._buffer.take(size)
 
     def _read_client_flags(self) -> NeedData | None:
         if not self._available(CLIENT_FLAGS.size, "the client flags"):
@@ -289,11 +343,11 @@ class NbdServerConnection:
         return None
 
     def _read_option(self) -> Event | NeedData | None:
-        if not IHAVEOPT.startswith(bytes(self._buffer[:8])):
-            raise _fail(f"bad option magic {bytes(self._buffer[:8])!r}")
+        if not IHAVEOPT.startswith(self._buffer.peek(8)):
+            raise _fail(f"bad option magic {self._buffer.peek(8)!r}")
         if not self._available(OPTION_HEADER.size, "an option header"):
             return NEED_DATA
-        _, option, length = OPTION_HEADER.unpack_from(self._buffer)
+        _, option, length = OPTION_HEADER.unpack(self._buffer.peek(OPTION_HEADER.size))
         if length > MAX_OPTION_BYTES:
             raise _fail(f"option {option} carries {length} bytes")
         if not self._available(OPTION_HEADER.size + length, "option data"):
@@ -304,18 +358,19 @@ class NbdServerConnection:
         return self._answer_option(option, data)
 
     def _read_request(self) -> Event | NeedData | None:
-        prefix = bytes(self._buffer[:4])
+        prefix = self._buffer.peek(4)
         if not REQUEST_MAGIC.to_bytes(4, "big").startswith(prefix):
             raise _fail(f"bad request magic {prefix!r}")
         if not self._available(REQUEST_HEADER.size, "a request header"):
             return NEED_DATA
-        _, flags, kind, handle, offset, length = REQUEST_HEADER.unpack_from(self._buffer)
+        _, flags, kind, handle, offset, length = REQUEST_HEADER.unpack(
+            self._buffer.peek(REQUEST_HEADER.size))
         payload_bytes = length if kind == Command.WRITE else 0
         if payload_bytes > max(DOS_PAYLOAD_BYTES, self._limits().max_block_bytes):
             raise _fail(f"write payload of {length} bytes")
         if not self._available(REQUEST_HEADER.size + payload_bytes, "a write payload"):
             return NEED_DATA
-        del self._buffer[: REQUEST_HEADER.size]
+        self._buffer.take(REQUEST_HEADER.size)
         payload = self._take(payload_bytes) if payload_bytes else b""
         if kind == Command.DISC:  # no reply, so its handle may be anything
             if offset or length or flags & ~int(CommandFlag.FUA):

@@ -228,6 +228,20 @@ def test_session_fed_byte_by_byte() -> None:
     assert out == HANDSHAKE_REPLY + SESSION_REPLY
 
 
+def test_a_large_write_in_pieces_comes_out_whole_and_in_order() -> None:
+    # As a client's socket delivers a 1 MiB write: pieces of ~200 KiB, the fifth ending
+    # inside the next request's header; then a payload that is exactly one piece.
+    big = (bytes(range(251)) * 4178)[: 1 << 20]
+    second = req(WRITE, 2, 0, 4096, 0, PATTERN)
+    rest = req(WRITE, 1, 0, len(big), 0, big) + second + req(DISC, 3)
+    pieces = [HANDSHAKE, *(rest[i : i + 209_722] for i in range(0, len(rest), 209_722))]
+    events, _, _ = serve(pieces)
+    assert events == [GO_EVENT, WriteRequest(1, 0, big, False),
+                      WriteRequest(2, 0, PATTERN, False), Disconnect()]
+    events, _, _ = serve([HANDSHAKE, second[:28], PATTERN, req(DISC, 3)])
+    assert events == [GO_EVENT, WriteRequest(2, 0, PATTERN, False), Disconnect()]
+
+
 def test_session_with_trailing_bytes() -> None:
     events, _, conn = serve(one_chunk(HANDSHAKE, SESSION[:-28], req(READ, 9, 0, 512)[:10]))
     assert events == SESSION_EVENTS[:-1]
