@@ -68,6 +68,9 @@ def test_io_has_both_sides_and_a_ratio(report: dict[str, Any], metric: str) -> N
     assert figure["mount"] > 0
     assert figure["ratio"] > 0
     assert report["io_node"] in {"n1", "n2", "n3"}
+    # As root the benchmark reaches its node over the local link, and must say so.
+    assert report["io_link"] == ("the local link (a unix socket)" if os.geteuid() == 0
+                                 else "loopback TCP with CURVE")
 
 
 def test_nothing_is_left_behind(report: dict[str, Any]) -> None:

@@ -24,20 +24,21 @@ with `clusterfs.client.Client` under one trio loop:
 3. I/O throughput through the protocol beside the same workload through the FUSE mount of
    the node that holds the protocol session (both end on that node's `FileSystem` and the
    same backing directory, so the difference is the path: ZeroMQ + CURVE + msgspec + the
-   trio loop vs the kernel's FUSE + pyfuse3). One call in flight at a time on both sides;
-   the mount side uses plain os.open/os.pwrite/os.pread. Each side writes its own files:
-   a sequential write in 1 MiB calls then fsync (both timed), and a sequential read in
-   1 MiB calls; then on a laid-out file, 4 KiB reads and writes at random aligned offsets
-   (one seeded generator, the same offsets on both sides) for --seconds each: reads from
-   a cold start, reads warm, then writes (not fsynced). "Cold" is after sync + echo 3 >
-   /proc/sys/vm/drop_caches, which empties the mount's FUSE page cache and the node's
-   backing-file cache alike (if it is not writable, the header says so). Cold random
-   reads mostly measure the disk on the protocol side (nothing reads ahead of random 4 KiB
-   preads) while the mount reads in 128 KiB requests and soon holds the whole file; warm
-   ones (after one untimed sequential read through the same side) show each path's own
-   cost: the protocol's a round trip to the node's backing-file cache, the mount's mostly
-   its own page cache, which is part of what a mount offers. The side that goes first
-   alternates from phase to phase.
+   trio loop, or the local link (a unix socket, no CURVE) when this process may use it,
+   vs the kernel's FUSE + pyfuse3; the report says which). One call in flight at a time
+   on both sides; the mount side uses plain os.open/os.pwrite/os.pread. Each side writes
+   its own files: a sequential write in 1 MiB calls then fsync (both timed), and a
+   sequential read in 1 MiB calls; then on a laid-out file, 4 KiB reads and writes at
+   random aligned offsets (one seeded generator, the same offsets on both sides) for
+   --seconds each: reads from a cold start, reads warm, then writes (not fsynced). "Cold"
+   is after sync + echo 3 > /proc/sys/vm/drop_caches, which empties the mount's FUSE page
+   cache and the node's backing-file cache alike (if it is not writable, the header says
+   so). Cold random reads mostly measure the disk on the protocol side (nothing reads
+   ahead of random 4 KiB preads) while the mount reads in 128 KiB requests and soon holds
+   the whole file; warm ones (after one untimed sequential read through the same side)
+   show each path's own cost: the protocol's a round trip to the node's backing-file
+   cache, the mount's mostly its own page cache, which is part of what a mount offers.
+   The side that goes first alternates from phase to phase.
 
 This is done in this order, the membership change last, so that the I/O figures are not
 measured beside a member that was just stopped. Every node is stopped by PID (SIGTERM, then
@@ -399,6 +400,7 @@ PHASES: dict[str, Callable[[File, Settings], Awaitable[Figure]]] = {
 @dataclass
 class Throughput:
     node: str = ""  # the node holding the session, whose mount is the other side
+    link: str = ""  # how this process reached it
     figures: dict[str, dict[str, Figure]] = field(default_factory=dict)  # metric -> side
 
 
@@ -408,6 +410,8 @@ async def throughput(cluster: bench_cluster.Cluster, addresses: list[str],
                       call_timeout_s=IO_CALL_TIMEOUT_S) as client:
         assert client.session is not None
         out.node = client.session.node
+        out.link = "the local link (a unix socket)" if client.local_link \
+            else "loopback TCP with CURVE"
         node = next(n for n in cluster.nodes if n.name == out.node)
         kinds = ("seq", "rand")  # a file per kind of phase and side, in the same namespace
         protocol = {kind: ProtocolFile(client, f"/bench-protocol-{kind}") for kind in kinds}
@@ -577,7 +581,8 @@ def open_lines(report: Report) -> list[str]:
 
 def io_lines(report: Report) -> list[str]:
     title = f"I/O, session on {report.io.node or '?'}"
-    lines = [f"{title:<42} unit     protocol      mount  prot/mount"]
+    lines = [f"I/O session reached over {report.io.link or '?'}",
+             f"{title:<42} unit     protocol      mount  prot/mount"]
     for metric in METRICS:
         fig = report.io.figures.get(metric.key, {})
         cells = [f"{fig[side].rate:>10,.1f}" if side in fig else f"{'-':>10}" for side in SIDES]
@@ -605,6 +610,7 @@ def json_report(report: Report, s: Settings) -> dict[str, Any]:
                                          else None)},
         "sessions_left_after_close": report.sessions_left,
         "io_node": report.io.node,
+        "io_link": report.io.link,
         "io": {m.key: io_json(m, report.io.figures.get(m.key, {})) for m in METRICS},
         "errors": report.errors,
         "node_logs": report.node_logs,
