@@ -522,8 +522,9 @@ def _client_context() -> zmq.Context[Any]:
 class ClientTransport:
     """A file protocol client's side: one DEALER per node address, all with one identity,
     and CURVE with the cluster's credentials, or the local link to a node on this host
-    (whether a node has one is settled at the first message to it; a broken local link is
-    connected again at the next message); `run` serves until cancelled.
+    (whether a node has one is settled at the first message to it; a broken link is opened
+    again at the next message, and while it cannot be, TCP takes over); `run` serves until
+    cancelled.
 
     Messages from node `address` go to `on_message(address, payload)`; a node that refuses
     the credentials is reported once per connection to `on_refused(address, reason)`."""
@@ -562,17 +563,23 @@ class ClientTransport:
             self._links.clear()
 
     def connect(self, address: str) -> None:
-        """Start talking to the node at `address` (HOST:PORT); no-op if already."""
-        if address in self._dealers or address in self._link_paths or self._context is None \
-                or self._nursery is None:
+        """Start talking to the node at `address` (HOST:PORT): over its local link if it has
+        one and the link opens, else over TCP; no-op if already."""
+        if self._context is None or self._nursery is None:
             return
-        path = local_link.client_path(self._credentials, address)
-        self.local_links[address] = path is not None
-        if path is not None:  # the node is on this host: no CURVE, no ZeroMQ
-            self._link_paths[address] = path
-            self._open_link(address)
-            return
-        dealer = self._context.socket(zmq.DEALER)
+        if address not in self.local_links:
+            path = local_link.client_path(self._credentials, address)
+            self.local_links[address] = path is not None
+            if path is not None:  # the node is on this host: no CURVE, no ZeroMQ
+                self._link_paths[address] = path
+        link = self._links.get(address)
+        if (link is None or link.closed) and self._open_link(address) is None \
+                and address not in self._dealers:
+            self._connect_dealer(address, self._context, self._nursery)
+
+    def _connect_dealer(self, address: str, context: zmq.Context[Any],
+                        nursery: trio.Nursery) -> None:
+        dealer = context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, CLIENT_LINGER_MS)  # a last CloseSession goes out
         dealer.setsockopt(zmq.SNDHWM, SEND_HWM_MESSAGES)
         dealer.setsockopt(zmq.IDENTITY, self.identity.encode())
@@ -583,16 +590,16 @@ class ClientTransport:
         monitor = dealer.get_monitor_socket(_HANDSHAKE_FAILED)
         dealer.connect(endpoint(address))
         self._dealers[address] = dealer
-        self._nursery.start_soon(self._receive, address, dealer)
-        self._nursery.start_soon(self._watch_handshakes, address, dealer, monitor)
+        nursery.start_soon(self._receive, address, dealer)
+        nursery.start_soon(self._watch_handshakes, address, dealer, monitor)
 
     def send(self, address: str, payload: bytes) -> None:
         """Send to the node at `address` without waiting (dropped if it cannot be queued:
         the client's calls time out and are retried)."""
         self.connect(address)
-        if address in self._link_paths:
-            link = self._links.get(address) or self._open_link(address)
-            if link is None or not link.send(payload):
+        link = self._links.get(address)
+        if link is not None:
+            if not link.send(payload):
                 log.debug("send to %s over the local link dropped", address)
             return
         dealer = self._dealers.get(address)
@@ -607,8 +614,8 @@ class ClientTransport:
 
     def _open_link(self, address: str) -> LinkSocket | None:
         """Connect to the local link of the node at `address` and say the hello; None if
-        no node listens there now (the message is dropped; the next one tries again)."""
-        if self._nursery is None:
+        it has none or no node listens there now (the next message tries again)."""
+        if self._nursery is None or address not in self._link_paths:
             return None
         try:
             link = local_stream.connect(self._link_paths[address], MAX_PAYLOAD_BYTES)

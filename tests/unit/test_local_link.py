@@ -181,10 +181,10 @@ class Replies:
         return self.received
 
 
-async def start_echo_node(nursery: trio.Nursery, received: list[tuple[bytes, bytes]]
-                          ) -> Transport:
+async def start_echo_node(nursery: trio.Nursery, received: list[tuple[bytes, bytes]],
+                          listen: str | None = None) -> Transport:
     """A node that answers every file protocol message with b"echo:" + the message."""
-    node = Transport("a", free_address(), lambda name: None, CLUSTER)
+    node = Transport("a", listen or free_address(), lambda name: None, CLUSTER)
 
     def echo(client: str, payload: bytes) -> None:
         received.append((CHANNEL_PROTOCOL, payload))
@@ -348,3 +348,27 @@ async def test_a_node_refusing_the_hello_is_reported(nursery: trio.Nursery,
             await trio.sleep(0.01)
     assert replies.refused == ["not the cluster's local link password"]
     assert received == [] and replies.received == []
+
+
+@needs_root
+async def test_a_node_without_a_local_link_any_more_is_reached_over_tcp(
+        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[tuple[bytes, bytes]] = []
+    replies = Replies()
+    client = ClientTransport("cli-fallback", CLUSTER, replies.on_message, replies.on_refused)
+    await nursery.start(client.run)
+    async with trio.open_nursery() as first:
+        node = await start_echo_node(first, received)
+        client.send(node.listen, b"one")
+        await replies.wait_for(1)
+        first.cancel_scope.cancel()
+    # The node comes back on the same address without a local link (say, not as root).
+    monkeypatch.setattr(local_link, "server_path", lambda credentials, address: None)
+    again = await start_echo_node(nursery, received, node.listen)
+    assert again.local_link is None
+    with trio.fail_after(WAIT_S):
+        while len(replies.received) < 2:
+            client.send(node.listen, b"two")
+            await trio.sleep(0.05)
+    assert replies.received[1] == (node.listen, b"echo:two")
+    assert replies.refused == []
