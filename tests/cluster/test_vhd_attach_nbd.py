@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.mount, pytest.mark.skipif(
     reason="needs qemu-utils and libnbd-bin")]
 
 MIB = 1 << 20
+KILL_AFTER_MS = 500  # the failover test kills the serving node this long into the writes
 
 
 def run(*argv: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -177,12 +178,15 @@ def test_writes_go_on_when_the_serving_node_is_killed(new_cluster: Callable[...,
     socket = tmp_path / "nbd.sock"
     args = [*attach_args(cluster, disk), "--initiator", initiator, "--nbd", f"unix:{socket}"]
     writes = [f"write -P {n % 200 + 1} {n * 256}k 256k" for n in range(96)]
+    # The kill lands while the first half is written or in the pause after it, however
+    # fast the writes go: the second half always meets a killed node.
+    script = [*writes[:48], f"sleep {KILL_AFTER_MS * 2}", *writes[48:]]
     with attached(args, tmp_path, socket) as attachment:
-        commands = [word for write in writes for word in ("-c", write)]
+        commands = [word for command in script for word in ("-c", command)]
         writer = subprocess.Popen(["qemu-io", "-f", "raw", *commands, nbd_uri(socket)],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            time.sleep(0.5)
+            time.sleep(KILL_AFTER_MS / 1000)
             cluster.kill9(victim)
             output, _ = writer.communicate(timeout=120)
         finally:
