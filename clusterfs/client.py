@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 import trio
 
 from clusterfs.credentials import Credentials
+from clusterfs.pieces import Buffer, size_bytes
 from clusterfs.protocol import messages as m
 from clusterfs.txn.transport import (
     CLIENT_IDENTITY_PREFIX,
@@ -181,7 +182,7 @@ class Client:
             self._transport.send(address, hello)
 
     # -- messages from nodes ------------------------------------------------------------------
-    def _on_message(self, address: str, payload: bytes) -> None:
+    def _on_message(self, address: str, payload: Buffer) -> None:
         try:
             message = m.decode_node(payload)
         except m.MessageError as exc:
@@ -304,24 +305,28 @@ class Client:
                 f"(tried {', '.join(addresses)})")
 
     # -- calls ------------------------------------------------------------------------------
-    async def _call(self, make_op: Callable[[], m.Op], path: str | None = None) -> m.Value:
+    async def _call(self, make_op: Callable[[], m.Op], path: str | None = None,
+                    bulk: list[Buffer] | None = None) -> m.Value:
         """Run an operation in the session, re-routing and retrying while its node is lost.
         `make_op` builds it for the current session (handles differ per session); `path`
-        names the file in an error."""
+        names the file in an error; `bulk`: the op's last field, sent uncopied (see
+        `m.encode_pieces`)."""
         while True:
             session = await self._route()
             try:
                 op = await self._reopened(session, make_op)
-                return await self._call_once(session, op, path)
+                return await self._call_once(session, op, path, bulk)
             except _Lost as lost:
                 self._lose(session, str(lost))
 
-    async def _call_once(self, session: _Session, op: m.Op, path: str | None = None
-                         ) -> m.Value:
+    async def _call_once(self, session: _Session, op: m.Op, path: str | None = None,
+                         bulk: list[Buffer] | None = None) -> m.Value:
         call_id = next(self._call_ids)
-        message = m.encode(m.Call(session.session_id, call_id, op))
-        if len(message) > MAX_PAYLOAD_BYTES:  # the transport would drop it: no answer ever
-            raise OSError(errno.EMSGSIZE, f"a call of {len(message)} bytes is more than the "
+        call = m.Call(session.session_id, call_id, op)
+        message = m.encode(call) if bulk is None else m.encode_pieces(call, bulk)
+        message_bytes = size_bytes(message)
+        if message_bytes > MAX_PAYLOAD_BYTES:  # the transport would drop it: no answer ever
+            raise OSError(errno.EMSGSIZE, f"a call of {message_bytes} bytes is more than the "
                           f"{MAX_PAYLOAD_BYTES} a message may carry", path)
         send, receive = trio.open_memory_channel[m.Result | None](1)
         self._waiting[call_id] = send
@@ -400,8 +405,8 @@ class Client:
         return handle
 
     async def read(self, handle: int, offset: int, size: int) -> bytes:
-        return _expect(await self._call(
-            lambda: m.Read(self._file(handle).server_handle, offset, size)), m.Data).data
+        return bytes(_expect(await self._call(
+            lambda: m.Read(self._file(handle).server_handle, offset, size)), m.Data).data)
 
     async def write(self, handle: int, offset: int, data: bytes) -> int:
         return _expect(await self._call(
@@ -439,7 +444,8 @@ class Client:
         return _expect(await self._call(lambda: m.Readlink(path), path), m.Text).text
 
     async def getxattr(self, path: str, name: bytes) -> bytes:
-        return _expect(await self._call(lambda: m.GetXattr(path, name), path), m.Data).data
+        return bytes(_expect(await self._call(lambda: m.GetXattr(path, name), path),
+                             m.Data).data)
 
     async def setxattr(self, path: str, name: bytes, value: bytes) -> None:
         await self._call(lambda: m.SetXattr(path, name, value), path)
@@ -450,9 +456,12 @@ class Client:
     async def removexattr(self, path: str, name: bytes) -> None:
         await self._call(lambda: m.RemoveXattr(path, name), path)
 
-    async def tunnel(self, handle: int, payload: bytes) -> bytes:
+    async def tunnel(self, handle: int, payload: list[Buffer]) -> memoryview:
+        """Send `payload` (in pieces, which are not copied) to the node's tunnel service
+        on `handle`; its answer, a view of the message that carried it."""
         return _expect(await self._call(
-            lambda: m.Tunnel(self._file(handle).server_handle, payload)), m.Data).data
+            lambda: m.Tunnel(self._file(handle).server_handle, memoryview(b"")),
+            bulk=payload), m.Data).data
 
 
 def _expect(value: m.Value, kind: type[T]) -> T:

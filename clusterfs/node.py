@@ -29,6 +29,7 @@ from clusterfs.membership.driver import RECOVERABLE_OFFLINE, MembershipDriver, s
 from clusterfs.membership.view import View as MembershipView
 from clusterfs.membership.witness import Witness
 from clusterfs.namespace import initialise
+from clusterfs.pieces import Payload
 from clusterfs.protocol.messages import Member
 from clusterfs.protocol.ops import FileOps
 from clusterfs.protocol.server import ProtocolServer
@@ -142,7 +143,7 @@ class Node:
         self.transport.on(CHANNEL_TXN, self.commit.on_frame)
         self.transport.on(CHANNEL_MEMBERSHIP, self.membership.on_frame)
         self.transport.on(CHANNEL_LB, self.protocol.on_peer)
-        self.transport.on(CHANNEL_PROTOCOL, self.protocol.on_client)
+        self.transport.on_clients(self.protocol.on_client)
         self.transport.on_control(self._control)
         self._mounted = False
 
@@ -155,7 +156,7 @@ class Node:
     def _send_lb(self, to: str, payload: bytes) -> None:
         self.transport.send(to, CHANNEL_LB, payload)
 
-    def _send_client(self, client: str, payload: bytes) -> None:
+    def _send_client(self, client: str, payload: Payload) -> None:
         self.transport.reply(client, CHANNEL_PROTOCOL, payload)
 
     def _view_installed(self, view: MembershipView) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol, Self, runtime_checkable
 
+from clusterfs.pieces import Buffer
 from vhdshare import directio
 
 SECTOR_SIZE = 512
@@ -53,7 +54,7 @@ class BlockImage(Protocol):
 
     def read(self, lba: int, count: int) -> bytes: ...
 
-    def write(self, lba: int, data: bytes) -> None: ...
+    def write(self, lba: int, data: Buffer) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -71,7 +72,7 @@ def check_range(lba: int, count: int, size_bytes: int, error: type[ImageError]) 
         raise error(f"sectors {lba}..{lba + count} are outside the disk of {total_sectors} sectors")
 
 
-def check_write_data(data: bytes, error: type[ImageError]) -> int:
+def check_write_data(data: Buffer, error: type[ImageError]) -> int:
     """Return the sector count of `data`; raise `error` for a partial sector."""
     if len(data) % SECTOR_SIZE:
         raise error(f"write of {len(data)} bytes is not a multiple of {SECTOR_SIZE}")
@@ -265,7 +266,7 @@ class RawImage:
         check_range(lba, count, self.size_bytes, ImageError)
         return pread_exact(self._fd, count * SECTOR_SIZE, lba * SECTOR_SIZE, ImageError)
 
-    def write(self, lba: int, data: bytes) -> None:
+    def write(self, lba: int, data: Buffer) -> None:
         self._check_writable()
         count = check_write_data(data, ImageError)
         check_range(lba, count, self.size_bytes, ImageError)

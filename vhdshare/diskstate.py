@@ -15,6 +15,7 @@ import hashlib
 
 import msgspec
 
+from clusterfs.pieces import Buffer
 from vhdshare.reservations import ReservationState
 
 DONE_PER_INITIATOR = 8  # reservation commands an initiator may have in flight at once
@@ -51,7 +52,7 @@ class DiskState(msgspec.Struct, frozen=True):
         return DiskState(self.reservations, (*kept, command)[-MAX_DONE:])
 
 
-def fingerprint(cdb: bytes, data_out: bytes) -> bytes:
+def fingerprint(cdb: bytes, data_out: Buffer) -> bytes:
     return hashlib.sha256(cdb + b"\0" + data_out).digest()[:16]
 
 

@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from clusterfs.pieces import Buffer
 from vhdshare.blockimage import (
     SECTOR_SIZE,
     append_run,
@@ -172,7 +173,7 @@ class DynamicImage(VhdFile):
                         for block, first, n in self._split(lba, count))
 
     @os_errors_as_vhd
-    def write(self, lba: int, data: bytes) -> None:
+    def write(self, lba: int, data: Buffer) -> None:
         self._check_writable()
         count = check_write_data(data, VhdError)
         check_range(lba, count, self.size_bytes, VhdError)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from clusterfs.pieces import Buffer
+
 
 class ScsiAnswer(Protocol):
-    """The target's answer: SAM status, sense bytes (may be empty), data-in bytes."""
+    """The target's answer: SAM status, sense bytes (may be empty), data-in bytes (perhaps
+    a view of the message that carried them)."""
 
     @property
     def status(self) -> int: ...
@@ -22,7 +25,7 @@ class ScsiAnswer(Protocol):
     def sense(self) -> bytes: ...
 
     @property
-    def data_in(self) -> bytes: ...
+    def data_in(self) -> Buffer: ...
 
 
 class ScsiBackend(Protocol):

@@ -153,7 +153,7 @@ class RemoteDisk:
                 break
         if response.status != Status.GOOD:
             raise ScsiError(what, response)
-        return response.data_in
+        return bytes(response.data_in)  # a copy, for callers that keep it
 
     # -- medium ----------------------------------------------------------------------------
     async def capacity(self) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from clusterfs.pieces import Buffer
 from vhdshare import directio
 from vhdshare.blockimage import (
     SECTOR_SIZE,
@@ -72,7 +73,7 @@ class FixedImage(VhdFile):
         return self._read_exact(count * SECTOR_SIZE, lba * SECTOR_SIZE)
 
     @os_errors_as_vhd
-    def write(self, lba: int, data: bytes) -> None:
+    def write(self, lba: int, data: Buffer) -> None:
         self._check_writable()
         count = check_write_data(data, VhdError)
         check_range(lba, count, self.size_bytes, VhdError)

@@ -42,6 +42,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from clusterfs.pieces import Buffer
 from vhdshare import iscsi_keys as keys
 from vhdshare import iscsi_wire as wire
 from vhdshare.iscsi_dataout import DataOutError, R2t, Task
@@ -417,7 +418,7 @@ class IscsiTargetConnection:
     # --- answers to commands -------------------------------------------------------------
 
     def send_scsi_response(self, task_tag: int, status: int, sense: bytes = b"",
-                           data_in: bytes = b"") -> None:
+                           data_in: Buffer = b"") -> None:
         """Answer a `ScsiCommand`: Data-In and/or a SCSI Response with residuals."""
         task = self._tasks.get(task_tag)
         if task is None and task_tag in self._aborted:

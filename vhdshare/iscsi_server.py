@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from clusterfs.pieces import Buffer
 from vhdshare.frontend import BackendError, ScsiBackend
 from vhdshare.iscsi import IscsiTargetConnection, State
 from vhdshare.iscsi_wire import (
@@ -64,7 +65,7 @@ _FINISHED = frozenset({State.LOGGED_OUT, State.LOGIN_FAILED, State.CLOSED, State
 _RESETS = frozenset({TmfFunction.ABORT_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET,
                      TmfFunction.TARGET_WARM_RESET})
 
-Answer = tuple[int, bytes, bytes]  # status, sense, data-in
+Answer = tuple[int, bytes, Buffer]  # status, sense, data-in
 
 
 async def serve_iscsi(listeners: Sequence[trio.abc.Listener[Any]],

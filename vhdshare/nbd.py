@@ -46,6 +46,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from clusterfs.pieces import Buffer
 from vhdshare.nbd_wire import (
     BASE_ALLOCATION,
     BASE_ALLOCATION_ID,
@@ -252,7 +253,7 @@ class NbdServerConnection:
         self.export: Export | None = None
         self.transmission_flags = 0
         self._pending: dict[int, _Pending] = {}
-        self._queued: list[bytes] = []  # output before `_out`: large replies, uncopied
+        self._queued: list[Buffer] = []  # output before `_out`: large replies, uncopied
 
     @property
     def outstanding(self) -> frozenset[int]:
@@ -264,7 +265,7 @@ class NbdServerConnection:
     def data_to_send(self) -> bytes:
         return b"".join(self.chunks_to_send())
 
-    def chunks_to_send(self) -> list[bytes]:
+    def chunks_to_send(self) -> list[Buffer]:
         """`data_to_send` in pieces, in order, without copying read data into one buffer
         (a driver may send them one by one: a 1 MiB copy costs more than a system call)."""
         chunks = self._queued
@@ -274,7 +275,7 @@ class NbdServerConnection:
             self._out.clear()
         return chunks
 
-    def _emit_large(self, head: bytes, data: bytes) -> None:
+    def _emit_large(self, head: bytes, data: Buffer) -> None:
         if self._out:
             self._queued.append(bytes(self._out))
             self._out.clear()
@@ -555,7 +556,7 @@ class NbdServerConnection:
         return self._chunk(handle, ReplyType.ERROR,
                            ERROR_CHUNK_PREFIX.pack(error, len(text)) + text)
 
-    def send_read_reply(self, handle: int, data: bytes) -> None:
+    def send_read_reply(self, handle: int, data: Buffer) -> None:
         pending = self._pending_for(handle, Command.READ)
         if len(data) != pending.length_bytes:
             raise _fail(f"read reply of {len(data)} bytes, {pending.length_bytes} requested")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clusterfs.pieces import Buffer
 from vhdshare import initiator as cdbs
 from vhdshare.frontend import BackendError, ScsiAnswer, ScsiBackend
 from vhdshare.host import describe, sense_key
@@ -55,14 +56,14 @@ class NbdDisk:
         disk = cls(backend, initiator, 0, 512)
         data = await disk._run("READ CAPACITY", cdbs.read_capacity16(),
                                data_in_bytes=cdbs.READ_CAPACITY16_ALLOCATION_BYTES)
-        disk.block_count, disk.block_bytes = cdbs.parse_read_capacity16(data)
+        disk.block_count, disk.block_bytes = cdbs.parse_read_capacity16(bytes(data))
         return disk
 
     @property
     def size_bytes(self) -> int:
         return self.block_count * self.block_bytes
 
-    async def read(self, offset_bytes: int, length_bytes: int) -> bytes:
+    async def read(self, offset_bytes: int, length_bytes: int) -> Buffer:
         step = MAX_TRANSFER_BYTES // self.block_bytes
         pieces = []
         for lba, count in self._spans(offset_bytes, length_bytes, step):
@@ -105,7 +106,7 @@ class NbdDisk:
         data = await self._run("GET LBA STATUS", cdbs.get_lba_status(
             lba, LBA_STATUS_ALLOCATION_BYTES), data_in_bytes=LBA_STATUS_ALLOCATION_BYTES)
         extents = []
-        for first, count, mapped in cdbs.parse_lba_status(data):
+        for first, count, mapped in cdbs.parse_lba_status(bytes(data)):
             if first != lba or count <= 0:
                 break  # a gap or a descriptor out of order: report up to there
             extents.append((count * self.block_bytes, 0 if mapped else STATE_HOLE | STATE_ZERO))
@@ -122,7 +123,7 @@ class NbdDisk:
         return [(lba, min(step_blocks, end - lba)) for lba in range(first, end, step_blocks)]
 
     async def _run(self, what: str, cdb: bytes, data_out: bytes = b"",
-                   data_in_bytes: int = 0) -> bytes:
+                   data_in_bytes: int = 0) -> Buffer:
         """The command's data-in once it ends GOOD (unit attentions taken); else the error."""
         for _ in range(UNIT_ATTENTION_RETRIES):
             try:

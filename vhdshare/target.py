@@ -21,6 +21,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from clusterfs.pieces import Buffer
 from vhdshare.blockimage import ImageError
 from vhdshare.reservations import ReservationState, apply_pr_out, conflicts, pop_unit_attention
 from vhdshare.scsi import (
@@ -140,12 +141,13 @@ class Target:
         self,
         initiator: str,
         cdb: bytes,
-        data_out: bytes = b"",
+        data_out: Buffer = b"",
         data_in_limit_bytes: int | None = None,
     ) -> ScsiResponse:
-        """Run one command; data-in is cut to `data_in_limit_bytes` (the host's buffer)."""
+        """Run one command; data-in is cut to `data_in_limit_bytes` (the host's buffer).
+        A WRITE's data-out is written from where it is; the other commands' is copied."""
         try:
-            response = self._execute(initiator, bytes(cdb), bytes(data_out))
+            response = self._execute(initiator, bytes(cdb), data_out)
         except CheckCondition as error:
             response = ScsiResponse.check_condition(error.sense_data)
         except ReservationConflict:
@@ -159,7 +161,7 @@ class Target:
             )
         return response
 
-    def _execute(self, initiator: str, cdb: bytes, data_out: bytes) -> ScsiResponse:
+    def _execute(self, initiator: str, cdb: bytes, data_out: Buffer) -> ScsiResponse:
         if cdb and cdb[0] not in UNIT_ATTENTION_EXEMPT:
             self._report_unit_attention(initiator)
         command = decode_cdb(cdb)
@@ -188,7 +190,10 @@ class Target:
 
     # -- dispatch ----------------------------------------------------------------------
 
-    def _dispatch(self, command: Command, initiator: str, data_out: bytes) -> ScsiResponse:
+    def _dispatch(self, command: Command, initiator: str, data_out: Buffer) -> ScsiResponse:
+        if isinstance(command, Write):
+            return self._write(command, data_out)
+        data_out = bytes(data_out)  # small: parameter lists, one block of a pattern
         match command:
             case TestUnitReady():
                 return ScsiResponse.good()
@@ -209,8 +214,6 @@ class Target:
                 return _good_truncated(report_luns(), command.allocation_length)
             case Read():
                 return self._read(command)
-            case Write():
-                return self._write(command, data_out)
             case SynchronizeCache():
                 return self._synchronize_cache(command)
             case Unmap():
@@ -264,7 +267,7 @@ class Target:
                            command.block_count)
         return ScsiResponse.good(data)
 
-    def _write(self, command: Write, data_out: bytes) -> ScsiResponse:
+    def _write(self, command: Write, data_out: Buffer) -> ScsiResponse:
         self._check_range(command.lba, command.block_count)
         self._check_transfer(command.block_count)
         if len(data_out) != command.block_count * self.info.block_size:

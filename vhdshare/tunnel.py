@@ -25,6 +25,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from clusterfs.pieces import Buffer
 from vhdshare.sansio import NEED_DATA, NeedData
 from vhdshare.scsi import CheckCondition, OpClass, Status
 from vhdshare.scsi_cdb import (
@@ -88,7 +89,7 @@ class TunnelRequest:
     cdb: bytes
     direction: Direction
     data_length_bytes: int  # data-out carried, or data-in the host can take
-    data_out: bytes = b""
+    data_out: Buffer = b""  # unpacked: a view of the packet (bulk data is not copied)
 
     @property
     def features(self) -> RequestFeatures:
@@ -100,7 +101,7 @@ class TunnelResponse:
     request_id: int
     status: int
     sense: bytes = b""
-    data_in: bytes = b""
+    data_in: Buffer = b""  # unpacked: a view of the packet
 
 
 def request_features(cdb: bytes, transfer_length_bytes: int) -> RequestFeatures:
@@ -184,6 +185,13 @@ def _check_response(response: TunnelResponse, max_transfer_bytes: int) -> None:
 def pack_request(
     request: TunnelRequest, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES
 ) -> bytes:
+    return b"".join(pack_request_pieces(request, max_transfer_bytes))
+
+
+def pack_request_pieces(
+    request: TunnelRequest, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES
+) -> list[Buffer]:
+    """The request packet as [everything before the data, the data]: the data not copied."""
     _check_request(request, max_transfer_bytes)
     initiator = request.initiator.encode("utf-8", "surrogatepass")
     payload_bytes = len(initiator) + len(request.cdb) + len(request.data_out)
@@ -191,19 +199,27 @@ def pack_request(
         MAGIC, VERSION, Kind.REQUEST, request.direction, len(request.cdb), request.request_id,
         len(initiator), 0, request.data_length_bytes, payload_bytes,
     )
-    return b"".join((header, initiator, request.cdb, request.data_out))  # one copy of the data
+    return [b"".join((header, initiator, request.cdb)), request.data_out]
 
 
 def pack_response(
     response: TunnelResponse, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES
 ) -> bytes:
+    return b"".join(pack_response_pieces(response, max_transfer_bytes))
+
+
+def pack_response_pieces(
+    response: TunnelResponse, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES
+) -> list[Buffer]:
+    """The response packet as [everything before the data, the data]: the data not
+    copied."""
     _check_response(response, max_transfer_bytes)
     header = RESPONSE_HEADER.pack(
         MAGIC, VERSION, Kind.RESPONSE, response.status, len(response.sense),
         response.request_id, 0, 0, len(response.data_in),
         len(response.sense) + len(response.data_in),
     )
-    return b"".join((header, response.sense, response.data_in))
+    return [header + response.sense, response.data_in]
 
 
 # --- unpacking one frame-----------------------------------------------------------------
@@ -248,10 +264,7 @@ def _response_payload_length(header: bytes, max_transfer_bytes: int) -> int:
     return int(payload_len)
 
 
-Payload = bytes | memoryview
-
-
-def _parse_request(header: bytes, payload: Payload, max_transfer_bytes: int) -> TunnelRequest:
+def _parse_request(header: bytes, payload: Buffer, max_transfer_bytes: int) -> TunnelRequest:
     _, _, _, direction, cdb_len, request_id, initiator_len, _, data_len, _ = (
         REQUEST_HEADER.unpack(header)
     )
@@ -260,22 +273,22 @@ def _parse_request(header: bytes, payload: Payload, max_transfer_bytes: int) -> 
     except UnicodeDecodeError:
         raise _fail("initiator id is not UTF-8") from None
     cdb = bytes(payload[initiator_len : initiator_len + cdb_len])
-    data_out = bytes(payload[initiator_len + cdb_len :])
+    data_out = payload[initiator_len + cdb_len :]
     request = TunnelRequest(request_id, initiator, cdb, Direction(direction), data_len, data_out)
     _check_request(request, max_transfer_bytes)
     return request
 
 
-def _parse_response(header: bytes, payload: Payload, max_transfer_bytes: int
+def _parse_response(header: bytes, payload: Buffer, max_transfer_bytes: int
                     ) -> TunnelResponse:
     _, _, _, status, sense_len, request_id, _, _, _, _ = RESPONSE_HEADER.unpack(header)
     response = TunnelResponse(request_id, status, bytes(payload[:sense_len]),
-                              bytes(payload[sense_len:]))
+                              payload[sense_len:])
     _check_response(response, max_transfer_bytes)
     return response
 
 
-def _one_frame(data: bytes, kind: Kind, max_transfer_bytes: int) -> tuple[bytes, memoryview]:
+def _one_frame(data: Buffer, kind: Kind, max_transfer_bytes: int) -> tuple[bytes, memoryview]:
     """The header and payload of `data`, which must be exactly one packet of `kind`. The
     framer's checks without its buffer: every copy of a large payload costs (page faults)."""
     if not MAGIC.startswith(bytes(data[: len(MAGIC)])):
@@ -292,13 +305,13 @@ def _one_frame(data: bytes, kind: Kind, max_transfer_bytes: int) -> tuple[bytes,
     return header, memoryview(data)[HEADER_BYTES : HEADER_BYTES + payload_bytes]
 
 
-def _no_more(data: bytes, payload: memoryview, kind: Kind) -> None:
+def _no_more(data: Buffer, payload: memoryview, kind: Kind) -> None:
     if len(data) > HEADER_BYTES + len(payload):
         raise _fail(f"not exactly one {kind.name.lower()} packet: bytes after it")
 
 
 def unpack_request(
-    data: bytes, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES
+    data: Buffer, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES
 ) -> TunnelRequest:
     """Exactly one request packet, nothing before or after it."""
     header, payload = _one_frame(data, Kind.REQUEST, max_transfer_bytes)
@@ -309,7 +322,7 @@ def unpack_request(
 
 
 def unpack_response(
-    data: bytes, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES
+    data: Buffer, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES
 ) -> TunnelResponse:
     """Exactly one response packet, nothing before or after it (no request context)."""
     header, payload = _one_frame(data, Kind.RESPONSE, max_transfer_bytes)
@@ -490,10 +503,11 @@ class HostConnection:
     def outstanding(self) -> frozenset[int]:
         return frozenset(self._data_in_allowance)
 
-    def send_request(self, request: TunnelRequest) -> bytes:
+    def send_request(self, request: TunnelRequest) -> list[Buffer]:
+        """The request's packet, in pieces (`pack_request_pieces`)."""
         if request.request_id in self._data_in_allowance:
             raise _fail(f"request id {request.request_id} is already outstanding")
-        packet = pack_request(request, self.max_transfer_bytes)
+        packet = pack_request_pieces(request, self.max_transfer_bytes)
         allowance = request.data_length_bytes if request.direction is Direction.DATA_IN else 0
         self._data_in_allowance[request.request_id] = allowance
         return packet
@@ -501,7 +515,7 @@ class HostConnection:
     def receive_data(self, data: bytes) -> None:
         self._framer.receive_data(bytes(data))
 
-    def receive_packet(self, packet: bytes) -> TunnelResponse:
+    def receive_packet(self, packet: Buffer) -> TunnelResponse:
         """One whole response packet, as a message-based carrier (the file protocol's
         TUNNEL call) delivers them: the stream's checks without the stream's buffer."""
         if self._framer.state is not FramerState.AWAIT_HEADER or self._framer.has_data:

@@ -42,6 +42,7 @@ from typing import Protocol
 import trio
 
 from clusterfs.namespace import NamespaceError
+from clusterfs.pieces import Buffer
 from vhdshare import diskstate
 from vhdshare.blockimage import BlockImage, ImageError
 from vhdshare.diskstate import DiskState, DoneCommand
@@ -54,7 +55,7 @@ from vhdshare.tunnel import (
     TunnelProtocolError,
     TunnelRequest,
     TunnelResponse,
-    pack_response,
+    pack_response_pieces,
     request_features,
     unpack_request,
 )
@@ -107,7 +108,7 @@ class Unpacker:
         self.store = store
         self._disks: dict[int, SharedDisk] = {}
 
-    async def __call__(self, ino: int, fd: int, payload: bytes) -> bytes:
+    async def __call__(self, ino: int, fd: int, payload: memoryview) -> list[Buffer]:
         try:
             request = unpack_request(payload)
         except TunnelProtocolError as exc:
@@ -124,8 +125,8 @@ class Unpacker:
         finally:
             disk.commands_running -= 1
             disk.last_used_s = time.monotonic()
-        return pack_response(TunnelResponse(request.request_id, response.status, response.sense,
-                                            response.data_in))
+        return pack_response_pieces(TunnelResponse(request.request_id, response.status,
+                                                   response.sense, response.data_in))
 
     def close(self) -> None:
         for disk in self._disks.values():

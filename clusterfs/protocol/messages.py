@@ -24,8 +24,12 @@ refuses to go on with a node that speaks another.
 
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
+
 import msgspec
 
+from clusterfs.pieces import Buffer
 from lb.messages import SessionAccept, SessionBusy, SessionRequest
 
 PROTOCOL_VERSION = 1
@@ -148,7 +152,7 @@ class Tunnel(msgspec.Struct, frozen=True, tag="tunnel"):
     """An opaque request on an open handle, for a tunnel service on the node (vhdshare)."""
 
     handle: int
-    payload: bytes
+    payload: memoryview  # decoded as a view of the message: not copied
 
 
 class Ping(msgspec.Struct, frozen=True, tag="ping"):
@@ -191,7 +195,7 @@ class Handle(msgspec.Struct, frozen=True, tag="handle"):
 
 
 class Data(msgspec.Struct, frozen=True, tag="data"):
-    data: bytes
+    data: memoryview  # decoded as a view of the message: not copied
 
 
 class Count(msgspec.Struct, frozen=True, tag="count"):
@@ -277,26 +281,58 @@ def encode(message: ClientMessage | NodeMessage) -> bytes:
     return _encoder.encode(message)
 
 
+@dataclass(frozen=True, slots=True)
+class DataPieces:
+    """A `Data` value whose bytes are these pieces (not a wire type: a node's tunnel
+    service answers so, and the reply is sent without joining them)."""
+
+    pieces: list[Buffer]
+
+
+# msgpack's bin formats (the spec's bin 8, 16 and 32): a type byte, then the length.
+_BIN8, _BIN16, _BIN32 = struct.Struct(">BB"), struct.Struct(">BH"), struct.Struct(">BI")
+_EMPTY_BIN = _BIN8.pack(0xC4, 0)
+
+
+def encode_pieces(message: ClientMessage | NodeMessage, bulk: list[Buffer]) -> list[Buffer]:
+    """`encode(message)` in pieces, where the bytes field that ends the encoding (a
+    Tunnel's payload or a Data's data, the last field of the last field: msgspec encodes
+    fields in order) is left empty in `message` and holds the concatenation of `bulk`.
+    The bulk is spliced in as it is, not copied; the receiver sees one ordinary message."""
+    head = _encoder.encode(message)
+    if not head.endswith(_EMPTY_BIN):
+        raise ValueError(f"a {type(message).__name__} that does not end with an empty "
+                         "bytes field")
+    size = sum(len(piece) for piece in bulk)
+    if size < 1 << 8:
+        length = _BIN8.pack(0xC4, size)
+    elif size < 1 << 16:
+        length = _BIN16.pack(0xC5, size)
+    else:
+        length = _BIN32.pack(0xC6, size)
+    return [head[:-len(_EMPTY_BIN)] + length, *bulk]
+
+
 # What decoding hostile bytes can raise: msgspec's errors, and a few builtin ones (a string
 # that is not UTF-8, an array as a map key).
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError)
 
 
-def decode_client(payload: bytes) -> ClientMessage:
+def decode_client(payload: Buffer) -> ClientMessage:
     try:
         return _client_decoder.decode(payload)
     except _DECODE_ERRORS as exc:
         raise MessageError(str(exc)) from None
 
 
-def decode_node(payload: bytes) -> NodeMessage:
+def decode_node(payload: Buffer) -> NodeMessage:
     try:
         return _node_decoder.decode(payload)
     except _DECODE_ERRORS as exc:
         raise MessageError(str(exc)) from None
 
 
-def call_id_of(payload: bytes) -> int:
+def call_id_of(payload: Buffer) -> int:
     """The call id of a Call that failed to decode as a whole (0 if it has none)."""
     try:
         raw = msgspec.msgpack.decode(payload)

@@ -18,11 +18,13 @@ from collections.abc import Awaitable, Callable
 from clusterfs.attributes import Attributes, Caller
 from clusterfs.filesystem import AttrChanges, FileSystem
 from clusterfs.namespace import ROOT_INO, NamespaceError
+from clusterfs.pieces import Buffer
 from clusterfs.protocol import messages as m
 from clusterfs.protocol.paths import Resolver
 
 # A tunnel service (vhdshare's unpacker) answers opaque payloads on an open file.
-TunnelService = Callable[[int, int, bytes], Awaitable[bytes]]  # (ino, fd, payload) -> reply
+# (ino, fd, payload) -> the reply, in pieces (sent without joining them)
+TunnelService = Callable[[int, int, memoryview], Awaitable[list[Buffer]]]
 
 # Served at once by the server when nothing of the session is pending (`run_now`).
 ImmediateOp = (m.Ping | m.Stat | m.Lookup | m.Readdir | m.Read | m.Close | m.Readlink
@@ -46,7 +48,7 @@ class FileOps:
         self.paths = Resolver(fs.find, lambda: fs.getattr(ROOT_INO))
         self._root = Caller(0, 0, os.getpid(), umask=0)
 
-    async def run(self, op: m.Op, handles: set[int]) -> m.Value:
+    async def run(self, op: m.Op, handles: set[int]) -> m.Value | m.DataPieces:
         """Execute `op` for a session whose open handles are `handles` (updated here)."""
         if isinstance(op, IMMEDIATE_OPS):
             return self.run_now(op, handles)
@@ -74,7 +76,7 @@ class FileOps:
                 await self.fs.fsync(handle, datasync)
                 return None
             case m.Tunnel(handle, payload):
-                return m.Data(await self._tunnel(handle, payload, handles))
+                return m.DataPieces(await self._tunnel(handle, payload, handles))
             case _:
                 return await self._change(op)
 
@@ -113,7 +115,7 @@ class FileOps:
             case m.Read(handle, offset, size):
                 self._check(handle, handles)
                 _check_io(offset, size)
-                return m.Data(self.fs.read(handle, offset, size))
+                return m.Data(memoryview(self.fs.read(handle, offset, size)))
             case m.Close(handle):
                 self._check(handle, handles)
                 handles.discard(handle)
@@ -122,7 +124,7 @@ class FileOps:
             case m.Readlink(path):
                 return m.Text(os.fsdecode(self.fs.readlink(self.paths.attrs(path).ino)))
             case m.GetXattr(path, name):
-                return m.Data(self.fs.getxattr(self.paths.attrs(path).ino, name))
+                return m.Data(memoryview(self.fs.getxattr(self.paths.attrs(path).ino, name)))
             case m.ListXattr(path):
                 return m.Names(self.fs.listxattr(self.paths.attrs(path).ino))
         raise AssertionError(op)
@@ -158,7 +160,8 @@ class FileOps:
         handles.add(fh)
         return m.Handle(fh, _attrs(self.fs.getattr(attrs.ino)))
 
-    async def _tunnel(self, handle: int, payload: bytes, handles: set[int]) -> bytes:
+    async def _tunnel(self, handle: int, payload: memoryview, handles: set[int]
+                      ) -> list[Buffer]:
         self._check(handle, handles)
         if self.tunnel is None:
             raise NamespaceError(errno.EOPNOTSUPP, "no tunnel service on this node")

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import trio
 
 from clusterfs.namespace import NamespaceError
+from clusterfs.pieces import Buffer, Payload
 from clusterfs.protocol import messages as m
 from clusterfs.protocol.ops import IMMEDIATE_OPS, FileOps
 from lb import messages as lbm
@@ -46,7 +47,8 @@ WATCH_S = 60.0  # a client that said Hello this recently is told of membership c
 MAX_WATCHERS = 65_536
 HOUSEKEEPING_INTERVAL_S = 5.0
 
-SendTo = Callable[[str, bytes], None]  # (client identity or node name, payload)
+SendTo = Callable[[str, bytes], None]  # (node name, payload)
+SendClient = Callable[[str, Payload], None]  # (client identity, payload)
 
 
 @dataclass(slots=True)
@@ -63,7 +65,7 @@ class Session:
 
 
 class ProtocolServer:
-    def __init__(self, name: str, ops: FileOps, send_client: SendTo, send_peer: SendTo,
+    def __init__(self, name: str, ops: FileOps, send_client: SendClient, send_peer: SendTo,
                  incarnation: int, config: BalancerConfig | None = None) -> None:
         self.name = name
         self.ops = ops
@@ -99,7 +101,7 @@ class ProtocolServer:
         return set(self._watchers) | {session.client for session in self.sessions.values()}
 
     # -- messages -------------------------------------------------------------------------
-    def on_client(self, client: str, payload: bytes) -> None:
+    def on_client(self, client: str, payload: Buffer) -> None:
         """A message from a client; the boundary for everything it can set off here."""
         try:
             self._on_client(client, payload)
@@ -107,7 +109,7 @@ class ProtocolServer:
             log.exception("unexpected error handling a message from %s", client)
             self._send_client(client, m.encode(m.ProtocolFault("internal error")))
 
-    def _on_client(self, client: str, payload: bytes) -> None:
+    def _on_client(self, client: str, payload: Buffer) -> None:
         try:
             message = m.decode_client(payload)
         except m.MessageError as exc:
@@ -215,10 +217,15 @@ class ProtocolServer:
             result = m.Result(call.call_id, errno.ENOTCONN, "the session was closed")
         else:
             try:
-                result = m.Result(call.call_id, value=await self.ops.run(call.op,
-                                                                         session.handles))
+                value = await self.ops.run(call.op, session.handles)
             except Exception as exc:
                 result = _failed(call, exc)
+            else:
+                if isinstance(value, m.DataPieces):  # sent as they are, not joined
+                    self._send_client(session.client, m.encode_pieces(
+                        m.Result(call.call_id, value=m.Data(memoryview(b""))), value.pieces))
+                    return
+                result = m.Result(call.call_id, value=value)
         self._result(session.client, result)
 
     def _result(self, client: str, result: m.Result) -> None:

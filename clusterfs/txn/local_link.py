@@ -106,7 +106,8 @@ def hello(credentials: Credentials, identity: str) -> bytes:
     return HELLO.pack(HELLO_MAGIC, HELLO_VERSION, password(credentials)) + identity.encode()
 
 
-def check_hello(payload: bytes, expected_password: bytes, identity_prefix: str) -> str:
+def check_hello(payload: bytes | bytearray, expected_password: bytes, identity_prefix: str
+                ) -> str:
     """The identity a hello claims, if it knows `expected_password` and the identity starts
     with `identity_prefix`; LinkError saying why not otherwise."""
     if len(payload) < HELLO.size or payload[:len(HELLO_MAGIC)] != HELLO_MAGIC:
@@ -129,7 +130,7 @@ def refusal(reason: str) -> bytes:
     return REFUSED + reason.encode()
 
 
-def parse_answer(payload: bytes) -> str:
+def parse_answer(payload: bytes | bytearray) -> str:
     """The node's answer to a hello: '' for WELCOME, else the reason it refused."""
     if bytes(payload) == WELCOME:
         return ""

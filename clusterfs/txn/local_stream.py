@@ -20,6 +20,7 @@ from pathlib import Path
 
 import trio
 
+from clusterfs.pieces import Payload, pieces, size_bytes
 from clusterfs.txn import local_link
 from clusterfs.txn.local_link import FrameReader, LinkError
 
@@ -32,7 +33,7 @@ MAX_CONNECTIONS = 1024
 FRAMES_PER_CHECKPOINT = 16  # a peer that never pauses must not starve the other tasks
 MAX_IOVECS = 512  # below IOV_MAX (1024)
 
-OnMessage = Callable[[str, bytes], None]
+OnMessage = Callable[[str, bytearray], None]
 
 
 class LinkSocket:
@@ -52,12 +53,14 @@ class LinkSocket:
         self._frames_without_wait = 0
         self.closed = False
 
-    def send(self, payload: bytes) -> bool:
-        """Send one frame, or queue it behind the frames still waiting; False if the link is
-        closed or its peer is `MAX_BACKLOG_BYTES` behind (the message is dropped)."""
+    def send(self, payload: Payload) -> bool:
+        """Send one frame (its pieces in one gather write: they must not change until
+        sent), or queue it behind the frames still waiting; False if the link is closed or
+        its peer is `MAX_BACKLOG_BYTES` behind (the message is dropped)."""
         if self.closed:
             return False
-        parts = [memoryview(local_link.frame_header(len(payload))), memoryview(payload)]
+        parts = [memoryview(local_link.frame_header(size_bytes(payload)))]
+        parts += (memoryview(piece) for piece in pieces(payload) if piece)
         if self._backlog:
             if self._backlog_bytes > MAX_BACKLOG_BYTES:
                 return False
@@ -103,10 +106,10 @@ class LinkSocket:
                     sent -= len(first)
                     self._backlog.popleft()
 
-    async def receive(self) -> bytes | None:
-        """The next frame's payload; None once the peer hung up or the link was closed.
-        LinkError if the peer breaks the framing. (As bytes, which the layers above take:
-        a copy costs ~40 us per MiB here, against ~150 us for waking a thread.)"""
+    async def receive(self) -> bytearray | None:
+        """The next frame's payload, in a buffer of its own (the caller's to keep, not
+        copied); None once the peer hung up or the link was closed. LinkError if the peer
+        breaks the framing."""
         while True:
             try:
                 count = self._sock.recv_into(self._reader.buffer())
@@ -127,7 +130,7 @@ class LinkSocket:
                 if self._frames_without_wait >= FRAMES_PER_CHECKPOINT:
                     self._frames_without_wait = 0
                     await trio.lowlevel.checkpoint()
-                return bytes(payload)
+                return payload
 
     def close(self) -> None:
         if not self.closed:
@@ -179,7 +182,7 @@ class LinkServer:
         self._links: dict[str, LinkSocket] = {}
         self._connections = 0
 
-    def send(self, identity: str, payload: bytes) -> bool:
+    def send(self, identity: str, payload: Payload) -> bool:
         """Send to the client `identity` if it is connected here; False if it is not."""
         link = self._links.get(identity)
         return link is not None and link.send(payload)

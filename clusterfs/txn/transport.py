@@ -56,6 +56,7 @@ import zmq
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
+from clusterfs.pieces import Buffer, Payload, joined
 from clusterfs.txn import local_link, local_stream
 from clusterfs.txn.local_link import LinkError
 from clusterfs.txn.local_stream import LinkServer, LinkSocket
@@ -86,7 +87,9 @@ CLIENT_KEY_IDENTITY_PREFIX = "key-"  # holders of an authorised client key
 USER_CLUSTER = b"cluster"  # ZAP User-Id of a connection made with the cluster's key pair
 USER_CLIENT_KEY = b"client-key"  # ... and with an authorised client key: the protocol only
 
-Handler = Callable[[str, bytes], None]
+Handler = Callable[[str, bytes], None]  # (sender, payload)
+# (client identity, payload: a bytearray from the local link, which does not copy it)
+ClientHandler = Callable[[str, Buffer], None]
 ControlHandler = Callable[[bytes], bytes]
 Resolver = Callable[[str], "str | None"]
 
@@ -165,6 +168,7 @@ class Transport:
         self._refusals_logged_s: dict[str, float] = {}  # peer address -> when last logged
         self._context: zmq.Context[Any] | None = None  # made by `run`, ended when it ends
         self._handlers: dict[bytes, Handler] = {}
+        self._client_handler: ClientHandler | None = None
         self._control: ControlHandler | None = None
         self._closed = True  # until `run` has bound the ROUTER
         self._routes: dict[str, _Route] = {}  # destination -> its address
@@ -178,6 +182,10 @@ class Transport:
 
     def on(self, channel: bytes, handler: Handler) -> None:
         self._handlers[channel] = handler
+
+    def on_clients(self, handler: ClientHandler) -> None:
+        """Where the file protocol's messages go (`CHANNEL_PROTOCOL`, and the local link)."""
+        self._client_handler = handler
 
     def on_control(self, handler: ControlHandler) -> None:
         self._control = handler
@@ -197,7 +205,7 @@ class Transport:
         except zmq.Again:
             log.debug("send queue to %s is full; message dropped", to)
 
-    def reply(self, identity: str, channel: bytes, payload: bytes) -> None:
+    def reply(self, identity: str, channel: bytes, payload: Payload) -> None:
         """Send `payload` back to a peer that spoke to this node's listen address (a file
         protocol client) without waiting; dropped if it cannot be queued."""
         if self._local is not None and channel == CHANNEL_PROTOCOL \
@@ -206,6 +214,7 @@ class Transport:
         router = self._router
         if router is None:
             return
+        payload = joined(payload)
         try:
             router.send_multipart([identity.encode(), channel, payload], zmq.NOBLOCK,
                                   copy=len(payload) < ZERO_COPY_MIN_BYTES)
@@ -273,10 +282,9 @@ class Transport:
         self._local = server
         self.local_link = str(path)
 
-    def _on_local_message(self, identity: str, payload: bytes) -> None:
-        handler = self._handlers.get(CHANNEL_PROTOCOL)  # the local link carries nothing else
-        if handler is not None:
-            handler(identity, payload)
+    def _on_local_message(self, identity: str, payload: bytearray) -> None:
+        if self._client_handler is not None:  # the local link carries nothing else
+            self._client_handler(identity, payload)
 
     async def _serve_zap(self, zap: zmq.Socket[bytes]) -> None:
         """Answer libzmq's authentication requests for the ROUTER's new connections."""
@@ -335,7 +343,8 @@ class Transport:
             if channel == CHANNEL_CONTROL:
                 self._answer_control(router, identity, payload)
                 continue
-            handler = self._handlers.get(channel)
+            handler = self._client_handler if channel == CHANNEL_PROTOCOL \
+                else self._handlers.get(channel)
             if handler is None:
                 log.warning("dropped a message on unknown channel %r", channel[:8])
                 continue
@@ -530,7 +539,7 @@ class ClientTransport:
     the credentials is reported once per connection to `on_refused(address, reason)`."""
 
     def __init__(self, identity: str, credentials: Credentials,
-                 on_message: Callable[[str, bytes], None],
+                 on_message: Callable[[str, Buffer], None],
                  on_refused: Callable[[str, str], None]) -> None:
         self.identity = identity
         self._credentials = credentials
@@ -593,7 +602,7 @@ class ClientTransport:
         nursery.start_soon(self._receive, address, dealer)
         nursery.start_soon(self._watch_handshakes, address, dealer, monitor)
 
-    def send(self, address: str, payload: bytes) -> None:
+    def send(self, address: str, payload: Payload) -> None:
         """Send to the node at `address` without waiting (dropped if it cannot be queued:
         the client's calls time out and are retried)."""
         self.connect(address)
@@ -605,6 +614,7 @@ class ClientTransport:
         dealer = self._dealers.get(address)
         if dealer is None:
             return
+        payload = joined(payload)
         try:
             dealer.send_multipart([CHANNEL_PROTOCOL, payload], zmq.NOBLOCK,
                                   copy=len(payload) < ZERO_COPY_MIN_BYTES)

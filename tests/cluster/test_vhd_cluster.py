@@ -152,7 +152,7 @@ async def test_reservations_through_every_node_failover_and_restart(
             1 << 40, "host-a", cdbs.pr_out(PrOutAction.REGISTER),
             Direction.DATA_OUT, 24, cdbs.pr_out_parameters(KEY_A, 0xA2)))
         for disk in b_everywhere:
-            reply = unpack_response(await disk.client.tunnel(disk._handle, packet))
+            reply = unpack_response(await disk.client.tunnel(disk._handle, [packet]))
             assert reply.status == Status.GOOD, disk.node
         keys = await a.read_keys()
         assert (keys.generation, keys.keys) == (generation + 1, [0xA2])

@@ -13,6 +13,7 @@ import trio
 
 from clusterfs.filesystem import FileSystem
 from clusterfs.namespace import NamespaceError
+from clusterfs.pieces import Buffer, joined
 from clusterfs.protocol import messages as m
 from clusterfs.protocol.ops import FileOps
 from clusterfs.protocol.server import ProtocolServer
@@ -28,17 +29,17 @@ def fs(rig: Rig) -> FileSystem:
 async def test_tunnel_hands_the_open_file_and_payload_to_the_service(fs: FileSystem) -> None:
     seen: list[tuple[int, bytes]] = []
 
-    async def service(ino: int, fd: int, payload: bytes) -> bytes:
+    async def service(ino: int, fd: int, payload: memoryview) -> list[Buffer]:
         seen.append((ino, payload))
-        return b"reply:" + os.pread(fd, 100, 0)  # the service works on the file itself
+        return [b"reply:", os.pread(fd, 100, 0)]  # the service works on the file itself
 
     ops = FileOps(fs, service)
     handles: set[int] = set()
     opened = await ops.run(m.Open("/disk", os.O_RDWR | os.O_CREAT), handles)
     assert isinstance(opened, m.Handle)
     await ops.run(m.Write(opened.handle, 0, b"sector data"), handles)
-    reply = await ops.run(m.Tunnel(opened.handle, b"\x00request"), handles)
-    assert reply == m.Data(b"reply:sector data")
+    reply = await ops.run(m.Tunnel(opened.handle, memoryview(b"\x00request")), handles)
+    assert reply == m.DataPieces([b"reply:", b"sector data"])  # joined only by the socket
     assert seen == [(opened.attrs.ino, b"\x00request")]
 
     other_session: set[int] = set()
@@ -82,7 +83,7 @@ async def test_a_read_after_a_write_of_the_same_session_sees_the_write(fs: FileS
     an earlier call that is still running (a write that must drop a setgid bit, an open)."""
     sent: list[m.NodeMessage] = []
     server = ProtocolServer("n1", FileOps(fs), lambda _client, payload: sent.append(
-        m.decode_node(payload)), lambda _to, _payload: None, incarnation=1)
+        m.decode_node(joined(payload))), lambda _to, _payload: None, incarnation=1)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         server.on_view(1, [m.Member("n1", "127.0.0.1:1")])
@@ -113,14 +114,14 @@ async def test_tunnel_calls_of_a_session_run_side_by_side(fs: FileSystem) -> Non
     while the first still runs (a VM keeps many in flight, in no set order)."""
     release_first = trio.Event()
 
-    async def service(ino: int, fd: int, payload: bytes) -> bytes:
+    async def service(ino: int, fd: int, payload: memoryview) -> list[Buffer]:
         if payload == b"first":
             await release_first.wait()
-        return payload
+        return [b"echo:", payload]
 
     sent: list[m.NodeMessage] = []
     server = ProtocolServer("n1", FileOps(fs, service), lambda _client, payload: sent.append(
-        m.decode_node(payload)), lambda _to, _payload: None, incarnation=1)
+        m.decode_node(joined(payload))), lambda _to, _payload: None, incarnation=1)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         server.on_view(1, [m.Member("n1", "127.0.0.1:1")])
@@ -140,7 +141,8 @@ async def test_tunnel_calls_of_a_session_run_side_by_side(fs: FileSystem) -> Non
         assert not any(isinstance(r, m.Result) and r.call_id == 2 for r in sent)
         release_first.set()
         await _answered(sent, 2)
-        assert (_value(sent, 2), _value(sent, 3)) == (m.Data(b"first"), m.Data(b"second"))
+        assert (_value(sent, 2), _value(sent, 3)) == (m.Data(memoryview(b"echo:first")),
+                                                      m.Data(memoryview(b"echo:second")))
         nursery.cancel_scope.cancel()
     server.close_all()
 

@@ -51,9 +51,10 @@ class Node:
         self.handle = opened.handle
 
     async def send(self, request: TunnelRequest) -> TunnelResponse:
-        reply = await self.ops.run(m.Tunnel(self.handle, pack_request(request)), self.handles)
-        assert isinstance(reply, m.Data)
-        return unpack_response(reply.data)
+        reply = await self.ops.run(m.Tunnel(self.handle, memoryview(pack_request(request))),
+                                   self.handles)
+        assert isinstance(reply, m.DataPieces)
+        return unpack_response(b"".join(reply.pieces))
 
     def close(self) -> None:
         self.ops.close_all(self.handles)
@@ -186,7 +187,7 @@ async def test_reservations_hold_on_every_node(nodes: list[Node]) -> None:
 async def test_bad_packets_and_bad_disks_are_errors(rig: Rig, nodes: list[Node]) -> None:
     a, _ = nodes
     with pytest.raises(OSError) as caught:
-        await a.ops.run(m.Tunnel(a.handle, b"VHDT garbage"), a.handles)
+        await a.ops.run(m.Tunnel(a.handle, memoryview(b"VHDT garbage")), a.handles)
     assert caught.value.errno == errno.EBADMSG
     ops, handles = FileOps(rig.fs), set[int]()
     opened = await ops.run(m.Open("/broken.vhd", os.O_RDWR | os.O_CREAT), handles)

@@ -35,7 +35,9 @@ from vhdshare.tunnel import (
     TunnelRequest,
     TunnelResponse,
     pack_request,
+    pack_request_pieces,
     pack_response,
+    pack_response_pieces,
     unpack_request,
     unpack_response,
 )
@@ -169,6 +171,26 @@ def test_request_round_trip(request_: TunnelRequest) -> None:
 @given(responses())
 def test_response_round_trip(response: TunnelResponse) -> None:
     assert unpack_response(pack_response(response)) == response
+
+
+def test_packets_in_pieces_carry_their_data_uncopied() -> None:
+    pieces = pack_request_pieces(WRITE)
+    assert b"".join(pieces) == pack_request(WRITE) and pieces[-1] is WRITE.data_out
+    response = TunnelResponse(3, Status.GOOD, b"", b"\x33" * 4096)
+    pieces = pack_response_pieces(response)
+    assert b"".join(pieces) == pack_response(response) and pieces[-1] is response.data_in
+
+
+def test_unpacked_data_is_a_view_of_the_packet() -> None:
+    """A node unpacks a 1 MiB write where the message landed, and a host its read data."""
+    packet = bytearray(pack_request(WRITE))
+    data_out = unpack_request(packet).data_out
+    assert isinstance(data_out, memoryview) and data_out.obj is packet
+    packet[-1] ^= 0xFF  # the view sees the packet's bytes themselves
+    assert bytes(data_out) == b"\x5a" * 511 + bytes([0x5a ^ 0xFF])
+    reply = bytearray(pack_response(TunnelResponse(3, Status.GOOD, b"", b"\x33" * 512)))
+    data_in = unpack_response(reply).data_in
+    assert isinstance(data_in, memoryview) and data_in.obj is reply and data_in == b"\x33" * 512
 
 
 @settings(max_examples=50, deadline=None)
@@ -346,8 +368,8 @@ def test_features() -> None:
 def test_host_to_node_to_target_and_back() -> None:
     host, node = HostConnection(), NodeConnection()
     target = Target(MemoryImage(64), "tunnel-disk")
-    node.receive_data(host.send_request(WRITE) + host.send_request(
-        TunnelRequest(9, "vm1", read16(4, 1), Direction.DATA_IN, 512)))
+    node.receive_data(b"".join(host.send_request(WRITE) + host.send_request(
+        TunnelRequest(9, "vm1", read16(4, 1), Direction.DATA_IN, 512))))
     answers = b""
     for request_ in drain(node):
         assert isinstance(request_, TunnelRequest)
