@@ -554,8 +554,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frontends", action=argparse.BooleanOptionalAction, default=True,
                         help="also the front ends (tools/bench_vhd_frontends.py; default on)")
     parser.add_argument("--frontend-depths", type=lambda text: tuple(map(int, text.split(","))),
-                        default=(1, 16), metavar="D,D",
-                        help="the front ends' queue depths (default 1,16)")
+                        default=(1, 16, 64), metavar="D,D",
+                        help="the front ends' queue depths (default 1,16,64; 64 is qemu-img "
+                             "bench's own default)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not the table")
     args = parser.parse_args(argv)
     if min(args.size_mib, args.nodes) < 1 or args.seconds <= 0:

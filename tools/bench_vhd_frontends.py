@@ -21,7 +21,7 @@ then SIGKILL; tgtd first deletes its target and exits through its control port),
 errors, Ctrl-C and SIGTERM. tools/bench_vhd.py runs this on its tunnel cluster.
 
     .venv/bin/python tools/bench_vhd_frontends.py [--size-mib 128] [--seconds 1.5]
-        [--depths 1,16] [--kinds fixed[,dynamic]] [--nodes 1] [--pin CPU] [--no-cluster]
+        [--depths 1,16,64] [--kinds fixed[,dynamic]] [--nodes 1] [--pin CPU] [--no-cluster]
         [--json] [--dir DIR]
 """
 
@@ -404,7 +404,7 @@ class Runner:
 class Settings:
     size_mib: int = 128
     seconds: float = 1.5
-    depths: tuple[int, ...] = (1, 16)
+    depths: tuple[int, ...] = (1, 16, 64)  # 64: qemu-img bench's own default
     kinds: tuple[str, ...] = ("fixed",)
     pin: int | None = None
 
@@ -557,8 +557,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--size-mib", type=int, default=128, help="virtual disk size")
     add("--seconds", type=float, default=1.5,
         help=f"about this long per case and front end ({REPEATS} runs)")
-    add("--depths", type=lambda text: tuple(int(d) for d in text.split(",")), default=(1, 16),
-        help="queue depths, comma-separated (default 1,16)")
+    add("--depths", type=lambda text: tuple(int(d) for d in text.split(",")), default=(1, 16, 64),
+        help="queue depths, comma-separated (default 1,16,64)")
     add("--kinds", type=lambda text: tuple(text.split(",")), default=("fixed",),
         help="fixed (default), dynamic or fixed,dynamic")
     add("--nodes", type=int, default=1, help="cluster size (default 1)")
