@@ -181,6 +181,8 @@ class Transport:
         self.local_link: str | None = None  # the local link's socket path, once bound
 
     def on(self, channel: bytes, handler: Handler) -> None:
+        if channel == CHANNEL_PROTOCOL:
+            raise ValueError("the file protocol's messages go to `on_clients`")
         self._handlers[channel] = handler
 
     def on_clients(self, handler: ClientHandler) -> None:
