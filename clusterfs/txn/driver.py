@@ -9,11 +9,12 @@ The file system layer sees the `Committer` interface only: `submit` waits until 
 is applied on every member (or refused with an errno), `submit_lazy` does not wait.
 
 Durability (DESIGN.md rule 3): a batch is logged as prepared in a flushed write transaction
-(in a worker thread, so the event loop goes on answering lookups and filling the next
-batch) before this node votes for it; a committed batch is applied in one transaction that
-also removes it from the prepared log, so the record is durable on every member from the
-vote on, whichever of the two a crash leaves behind. A record is applied on every node by
-the same function (`namespace.apply`), in the order of the global sequence numbers.
+before this node votes for it (in the event loop when the view has other members, in a
+worker thread on a sole member; see `_logs_inline`); a committed batch is applied in one
+transaction that also removes it from the prepared log, so the record is durable on every
+member from the vote on, whichever of the two a crash leaves behind. A record is applied on
+every node by the same function (`namespace.apply`), in the order of the global sequence
+numbers.
 """
 
 from __future__ import annotations
@@ -328,6 +329,8 @@ class CommitDriver:
                 case Send(to, message):
                     self._crash_point.before_send(type(message).__name__)
                     self._send_frame(to, encode(message))
+                case LogDurably(batch) if self._logs_inline():
+                    queue.extend(self._log_now(batch))
                 case LogDurably(batch):
                     assert self._nursery is not None
                     self._nursery.start_soon(self._log_durably, batch)
@@ -347,19 +350,35 @@ class CommitDriver:
                     self._ask_snapshot(source, reason)
 
     # -- the replica --------------------------------------------------------------------------
+    def _logs_inline(self) -> bool:
+        """Where a batch is logged. With other members, in the loop: the flush is shorter
+        than the others' answers, so the loop still has time to read the next batch's
+        requests, and each round goes without two thread hops (a follower's are on the
+        way to success). A sole member flushes in a worker thread: blocked in the flush,
+        its loop would read no request meanwhile, and every batch would hold one record."""
+        view = self.member.view
+        return view is not None and len(view.members) > 1
+
+    def _log_now(self, batch: Batch) -> list[Action]:
+        """Durability point 1, in the loop: the batch is on disk before this node votes."""
+        reason = self._put_prepared(batch)
+        return self.member.logged(batch.epoch, batch.first_seq, not reason,
+                                  trio.current_time(), reason)
+
     async def _log_durably(self, batch: Batch) -> None:
-        """Durability point 1: the batch is on disk before this node votes for it."""
+        """Durability point 1, in a worker thread: the same, answered with an event."""
+        reason = await trio.to_thread.run_sync(self._put_prepared, batch)
+        self._events_in.send_nowait(_Logged(batch.epoch, batch.first_seq, not reason, reason))
+
+    def _put_prepared(self, batch: Batch) -> str:
+        """Log `batch` and flush; "" when it is durable, else why not (this node votes no)."""
         try:
-            await trio.to_thread.run_sync(self._put_prepared, batch)
+            with self._store.write() as view:
+                view.put_prepared(batch.first_seq, encode_batch(batch))
         except (lmdb.Error, OSError) as exc:
             log.error("cannot log batch %d durably: %s", batch.first_seq, exc)
-            self._events_in.send_nowait(_Logged(batch.epoch, batch.first_seq, False, str(exc)))
-            return
-        self._events_in.send_nowait(_Logged(batch.epoch, batch.first_seq, True, ""))
-
-    def _put_prepared(self, batch: Batch) -> None:
-        with self._store.write() as view:
-            view.put_prepared(batch.first_seq, encode_batch(batch))
+            return str(exc) or type(exc).__name__
+        return ""
 
     def _discard(self, first_seq: int) -> None:
         with self._store.write(flush=False) as view:

@@ -1,0 +1,92 @@
+"""The commit driver on a real replica (LMDB), fed frames as the transport would feed them:
+where a prepared batch is logged, and what a member votes when it cannot log it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from clusterfs import records
+from clusterfs.store import Store
+from clusterfs.txn.driver import CommitDriver
+from clusterfs.txn.messages import (
+    AnyMessage,
+    Batch,
+    Entry,
+    Prepare,
+    Ready,
+    Vote,
+    decode,
+    decode_batch,
+    encode,
+)
+from clusterfs.txn.view import View
+
+BATCH = Batch(1, 1, (Entry("n0", 7, records.MakeNode(1, b"a", 0o100644, 0, 0, 0, 0)),))
+
+
+class Follower:
+    """Node n1 of the view (n0 leads), with what it sent to its peers."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.store = Store(tmp_path / "replica")
+        self.sent: list[tuple[str, AnyMessage]] = []
+        self.sent_any = trio.Event()
+        self.driver = CommitDriver("n1", self.store, self._send, lambda *_: None,
+                                   lambda _: None, tmp_path / "snapshots")
+
+    def _send(self, to: str, frame: bytes) -> None:
+        self.sent.append((to, decode(frame)))
+        self.sent_any.set()
+
+    async def answer_to(self, sender: str, message: AnyMessage) -> list[tuple[str, AnyMessage]]:
+        self.sent.clear()
+        self.sent_any = trio.Event()
+        self.driver.on_frame(sender, encode(message))
+        with trio.fail_after(5):
+            await self.sent_any.wait()
+        return self.sent
+
+    def prepared(self) -> list[Batch]:
+        with self.store.read() as view:
+            return [decode_batch(raw) for raw in view.prepared()]
+
+
+@pytest.fixture
+async def follower(tmp_path: Path) -> AsyncIterator[Follower]:
+    node = Follower(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.driver.run)
+        node.driver.on_view(View(1, ("n0", "n1"), "n0"))
+        await node.answer_to("n0", Ready(1, 0))  # answered with an Ack (all applied)
+        yield node
+        nursery.cancel_scope.cancel()
+    node.store.close()
+
+
+async def test_a_member_votes_yes_once_the_batch_is_in_its_prepared_log(
+        follower: Follower) -> None:
+    assert await follower.answer_to("n0", Prepare(1, BATCH)) == [("n0", Vote(1, 1, "n1", True))]
+    assert follower.prepared() == [BATCH]
+
+
+@pytest.mark.allow_error_logs
+async def test_a_member_that_cannot_log_votes_no_with_the_reason(
+        follower: Follower, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    def full_disk(flush: bool = True) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(follower.store, "write", full_disk)
+    [(to, vote)] = await follower.answer_to("n0", Prepare(1, BATCH))
+    assert to == "n0" and isinstance(vote, Vote)
+    assert not vote.yes and "No space left" in vote.reason
+    assert "cannot log batch 1 durably" in caplog.text
+    monkeypatch.undo()
+    assert follower.prepared() == []
+    # Asked again, it says no again: it never votes yes for a batch it failed to log.
+    [(_, again)] = await follower.answer_to("n0", Prepare(1, BATCH))
+    assert isinstance(again, Vote) and not again.yes
