@@ -527,9 +527,6 @@ class FileSystem:
         sync = os.fdatasync if datasync else os.fsync
         await trio.to_thread.run_sync(sync, self._handle(fh).fd)
 
-    def flush(self, fh: int) -> None:
-        self._handle(fh)
-
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is None:

@@ -104,6 +104,11 @@ def changes(attr: Any, fields: Any) -> AttrChanges:
 
 
 class Operations(pyfuse3.Operations):
+    """No `flush`: every write reaches the backing file before it returns (no writeback
+    cache), so a close has nothing to flush. pyfuse3's default answers ENOSYS, after which
+    the kernel sends no FLUSH on close (it still writes back dirty mmap pages first), one
+    request and one wake-up fewer per close."""
+
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
@@ -187,10 +192,6 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self.fs.write(fh, off, buf)
-
-    @boundary
-    async def flush(self, fh: int) -> None:
-        self.fs.flush(fh)
 
     @boundary
     async def release(self, fh: int) -> None:
