@@ -97,6 +97,7 @@ def valid_snapshot_token(token: str) -> bool:
 LAZY_DELAY_S = 0.2  # how long a lazy record waits for company
 INLINE_APPLY_RECORDS = 64  # bigger batches are applied in a worker thread
 IDLE_FLUSH_DELAY_S = 0.02  # quiet time after which applied batches are flushed
+INLINE_FLUSH_MAX_S = 0.002  # a prepared-log flush slower than this: the next in a thread
 
 # Deadlines with room for a loaded two-core machine; a joiner's catch-up counts as an ack.
 COORDINATOR_CONFIG = CoordinatorConfig(prepare_timeout_s=3.0, ack_timeout_s=5.0,
@@ -184,6 +185,7 @@ class CommitDriver:
         self._outcomes: dict[int, Applied] = {}
         self._nursery: trio.Nursery | None = None
         self._unflushed = False
+        self._last_flush_s = 0.0  # how long the last flush of the prepared log took
         self._lazy: list[records.Record] = []
         self._lazy_due_s = math.inf
         self._waiting = trio.CancelScope()  # the loop's wait for the next event
@@ -351,13 +353,17 @@ class CommitDriver:
 
     # -- the replica --------------------------------------------------------------------------
     def _logs_inline(self) -> bool:
-        """Where a batch is logged. With other members, in the loop: the flush is shorter
-        than the others' answers, so the loop still has time to read the next batch's
-        requests, and each round goes without two thread hops (a follower's are on the
-        way to success). A sole member flushes in a worker thread: blocked in the flush,
-        its loop would read no request meanwhile, and every batch would hold one record."""
+        """Where a batch is logged. With other members and a quick device, in the loop:
+        the flush is shorter than the others' answers, so the loop still has time to read
+        the next batch's requests, and each round goes without two thread hops (a
+        follower's are on the way to success). Once a flush took longer than
+        `INLINE_FLUSH_MAX_S` (a device busy with other writes), in a worker thread until
+        one is quick again: the loop goes on answering lookups, reads, disk commands and
+        heartbeats meanwhile. A sole member always flushes in a worker thread: blocked in
+        the flush, its loop would read no request, and every batch would hold one record."""
         view = self.member.view
-        return view is not None and len(view.members) > 1
+        return (view is not None and len(view.members) > 1
+                and self._last_flush_s <= INLINE_FLUSH_MAX_S)
 
     def _log_now(self, batch: Batch) -> list[Action]:
         """Durability point 1, in the loop: the batch is on disk before this node votes."""
@@ -372,12 +378,15 @@ class CommitDriver:
 
     def _put_prepared(self, batch: Batch) -> str:
         """Log `batch` and flush; "" when it is durable, else why not (this node votes no)."""
+        started_s = time.monotonic()
         try:
             with self._store.write() as view:
                 view.put_prepared(batch.first_seq, encode_batch(batch))
         except (lmdb.Error, OSError) as exc:
             log.error("cannot log batch %d durably: %s", batch.first_seq, exc)
             return str(exc) or type(exc).__name__
+        finally:
+            self._last_flush_s = time.monotonic() - started_s
         return ""
 
     def _discard(self, first_seq: int) -> None:

@@ -3,7 +3,10 @@ where a prepared batch is logged, and what a member votes when it cannot log it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,8 @@ import trio
 
 from clusterfs import records
 from clusterfs.store import Store
-from clusterfs.txn.driver import CommitDriver
+from clusterfs.store import View as ReplicaView
+from clusterfs.txn.driver import INLINE_FLUSH_MAX_S, CommitDriver
 from clusterfs.txn.messages import (
     AnyMessage,
     Batch,
@@ -25,7 +29,13 @@ from clusterfs.txn.messages import (
 )
 from clusterfs.txn.view import View
 
-BATCH = Batch(1, 1, (Entry("n0", 7, records.MakeNode(1, b"a", 0o100644, 0, 0, 0, 0)),))
+
+def batch(first_seq: int) -> Batch:
+    record = records.MakeNode(1, b"f%d" % first_seq, 0o100644, 0, 0, 0, 0)
+    return Batch(1, first_seq, (Entry("n0", first_seq, record),))
+
+
+BATCH = batch(1)
 
 
 class Follower:
@@ -90,3 +100,27 @@ async def test_a_member_that_cannot_log_votes_no_with_the_reason(
     # Asked again, it says no again: it never votes yes for a batch it failed to log.
     [(_, again)] = await follower.answer_to("n0", Prepare(1, BATCH))
     assert isinstance(again, Vote) and not again.yes
+
+
+async def test_while_the_device_is_slow_batches_are_logged_in_a_worker_thread(
+        follower: Follower, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the loop while flushes are quick; after a slow one, in a worker thread (the loop
+    keeps serving meanwhile) until one is quick again."""
+    real_write = follower.store.write
+    writers: list[int] = []
+    slow = {2}  # the second flush takes too long
+
+    @contextmanager
+    def write(flush: bool = True) -> Iterator[ReplicaView]:
+        writers.append(threading.get_ident())
+        with real_write(flush) as view:
+            yield view
+        if len(writers) in slow:
+            time.sleep(INLINE_FLUSH_MAX_S * 5)
+
+    monkeypatch.setattr(follower.store, "write", write)
+    for first_seq in (1, 2, 3, 4):
+        answer = await follower.answer_to("n0", Prepare(1, batch(first_seq)))
+        assert answer == [("n0", Vote(1, first_seq, "n1", True))]
+    loop = threading.get_ident()
+    assert [ident == loop for ident in writers] == [True, True, False, True]
