@@ -3,9 +3,9 @@
 It feeds this node's `Member` everything that happens (messages from peers, local
 captures, view changes, the answers of the replica, the passing of time) and performs the
 actions it returns, in order, one event after another, so that batches are applied strictly
-one after another: in its own task, or, for a message or capture that arrives while that
-task waits with nothing queued, at once in the task that delivers it (`_offer`). Messages to
-this node itself and `Validate` are handled inline.
+one after another: in its own task, or, for a peer's message that arrives while that task
+waits with nothing queued, at once in the transport's task (`_offer`). Messages to this
+node itself and `Validate` are handled inline.
 
 The file system layer sees the `Committer` interface only: `submit` waits until the record
 is applied on every member (or refused with an errno), `submit_lazy` does not wait.
@@ -206,7 +206,9 @@ class CommitDriver:
     # -- the Committer interface ------------------------------------------------------------
     async def submit(self, record: records.Record) -> Applied:
         waiter = _Waiter()
-        self._offer(_Capture(record, waiter))
+        # Queued, not offered: handled in this FUSE call's task, a bug in the cores would
+        # end as one failed call (EIO), not as the stopped node it is in the loop.
+        self._queue(_Capture(record, waiter))
         await waiter.done.wait()
         if waiter.error is not None:
             raise waiter.error
