@@ -19,12 +19,19 @@ pytestmark = [
 ]
 
 
-def test_a_short_run_reports_the_threads_of_each_node() -> None:
+def run_tool(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The tool with its temporary files in `tmp_path`, which it must leave empty."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_threads.py"), "--nodes", "1",
-         "--clients", "2", "--seconds", "1"],
-        capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
+        [sys.executable, str(REPO / "tools" / "bench_threads.py"), *args],
+        capture_output=True, text=True, timeout=300, check=False, cwd=REPO,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.iterdir()) == [], "the work directory was left behind"
+    return proc
+
+
+def test_a_short_run_reports_the_threads_of_each_node(tmp_path: Path) -> None:
+    proc = run_tool(["--nodes", "1", "--clients", "2", "--seconds", "1"], tmp_path)
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("1 node(s), 2 client(s): about ")
     rows = [line.split() for line in lines[2:]]
@@ -34,12 +41,8 @@ def test_a_short_run_reports_the_threads_of_each_node() -> None:
     assert float(main[-2].replace(",", "")) > 0, "the node's loop served creates with no CPU"
 
 
-def test_the_passthrough_reference_reports_its_daemon() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_threads.py"), "--passthrough",
-         "--clients", "2", "--seconds", "1"],
-        capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
+def test_the_passthrough_reference_reports_its_daemon(tmp_path: Path) -> None:
+    proc = run_tool(["--passthrough", "--clients", "2", "--seconds", "1"], tmp_path)
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("passthrough, 2 client(s): about "), proc.stdout
     rows = [line.split() for line in lines[2:]]

@@ -119,10 +119,13 @@ def measure(nodes: int, clients: int, seconds: float) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_threads-"))
     config = bench_cluster.Config(ops=1, clients=(clients,), pin_cpu=None,
                                   phase_limit_s=seconds)
-    with bench_cluster.running_cluster(work, nodes, config) as cluster:
-        pids = {node.name: node.proc.pid for node in cluster.nodes if node.proc}
-        load = run_load([node.mountpoint for node in cluster.nodes], pids, clients, seconds)
-        leader = cluster.leader
+    try:
+        with bench_cluster.running_cluster(work, nodes, config) as cluster:
+            pids = {node.name: node.proc.pid for node in cluster.nodes if node.proc}
+            load = run_load([node.mountpoint for node in cluster.nodes], pids, clients, seconds)
+            leader = cluster.leader
+    finally:
+        bench_cluster.remove_work(work, keep=False)
     print(f"{nodes} node(s), {clients} client(s): about {load.rate_per_s:,.0f} creates/s; "
           f"leader {leader}")
     print_threads(load)
@@ -131,9 +134,12 @@ def measure(nodes: int, clients: int, seconds: float) -> None:
 def measure_passthrough(clients: int, seconds: float) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_threads-"))
     config = bench_fs.make_config(bench_fs.parse_args(["--only", "passthrough"]))
-    with bench_fs.passthrough_target(work, config) as (mountpoint, pid):
-        assert pid is not None
-        load = run_load([mountpoint], {"pt": pid}, clients, seconds)
+    try:
+        with bench_fs.passthrough_target(work, config) as (mountpoint, pid):
+            assert pid is not None
+            load = run_load([mountpoint], {"pt": pid}, clients, seconds)
+    finally:
+        bench_cluster.remove_work(work, keep=False)
     print(f"passthrough, {clients} client(s): about {load.rate_per_s:,.0f} creates/s")
     print_threads(load)
 
