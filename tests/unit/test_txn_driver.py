@@ -1,5 +1,6 @@
 """The commit driver on a real replica (LMDB), fed frames as the transport would feed them:
-where a prepared batch is logged, and what a member votes when it cannot log it."""
+where a prepared batch is logged, what a member votes when it cannot log it, and that a
+message handled at once never overtakes what the loop has still to do."""
 
 from __future__ import annotations
 
